@@ -1,0 +1,29 @@
+"""Algorithm math for onelayer: advantage estimators, the clipped policy loss and named presets.
+
+Pure tensor functions with no I/O and no imports from the rest of the project.
+"""
+
+from onelayer.algos.advantages import (
+    ADVANTAGES,
+    anchor_group_stats,
+    discounted_returns,
+    gigpo_advantages,
+    group_advantages,
+)
+from onelayer.algos.losses import LOSS_AGGREGATIONS, aggregate_loss, kl_k3, policy_loss
+from onelayer.algos.presets import PRESETS, AlgoPreset, get_preset
+
+__all__ = [
+    "ADVANTAGES",
+    "LOSS_AGGREGATIONS",
+    "PRESETS",
+    "AlgoPreset",
+    "aggregate_loss",
+    "anchor_group_stats",
+    "discounted_returns",
+    "get_preset",
+    "gigpo_advantages",
+    "group_advantages",
+    "kl_k3",
+    "policy_loss",
+]

@@ -1,0 +1,105 @@
+"""The `onelayer` command line: train and eval (sweep, report and the rest build on these).
+
+Flags are generated from the config dataclass, so every setting has exactly one name and one doc.
+User errors print one line naming the problem and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from onelayer.config import ConfigError, TrainConfig, field_docs, load_yaml, make_config
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "task_opts":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = f"{docs[f.name]} (default: {default})"
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+    parser.add_argument("--task-opt", dest="task_opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option (repeatable), e.g. --task-opt difficulty=3")
+    parser.add_argument("--config", help="YAML file of config keys; flags override it")
+
+
+def _config_from_args(args: argparse.Namespace, skip=("command", "func", "config", "task_opt", "out")) -> TrainConfig:
+    from onelayer.tasks import parse_task_opts
+
+    values = load_yaml(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")})
+    if args.task_opt:
+        values["task_opts"] = {**(values.get("task_opts") or {}), **parse_task_opts(args.task_opt)}
+    return make_config(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from onelayer.train import run
+
+    cfg = _config_from_args(args)
+    run(cfg, args.out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from onelayer.train.eval_cmd import evaluate_model
+
+    cfg = _config_from_args(args, skip=("command", "func", "config", "task_opt", "out", "batch_size"))
+    evaluate_model(cfg, args.out, batch_size=args.batch_size)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="RL-train the selected layers of a model on a task")
+    _add_config_flags(p)
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, eval.json, model/)")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="greedy evaluation of a model on a task's held-out split")
+    _add_config_flags(p)
+    p.add_argument("--out", required=True, help="JSON file for score, ci95, n, task")
+    p.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from onelayer.models import ModelError
+    from onelayer.models.layers import LayerSpecError
+    from onelayer.tasks import TaskError
+    from onelayer.train.warmstart import WarmStartError
+
+    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from onelayer.train import TrainingError
+
+    try:
+        return args.func(args)
+    except user_errors() as exc:
+        print(f"onelayer: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingError as exc:
+        print(f"onelayer: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onelayer: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

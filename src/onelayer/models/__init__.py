@@ -1,0 +1,73 @@
+"""Policy loading: built-in tiny models, local directories and hub names, through the Auto classes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from onelayer.models.tiny import TINY_SHAPES, char_tokenizer, tiny_config
+
+BUILTIN_MODELS = tuple(TINY_SHAPES)
+
+
+class ModelError(ValueError):
+    """A model name or path that cannot be loaded; the message says what was tried."""
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def build_tiny(name: str, seed: int = 0):
+    """A randomly initialised built-in tiny model and its character tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    if name not in TINY_SHAPES:
+        raise ModelError(f"unknown built-in model {name!r}; built-ins are {', '.join(BUILTIN_MODELS)}")
+    _quiet_transformers()
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name, len(tok)))
+    return model, tok
+
+
+def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load an HF causal LM and its tokenizer from a local directory or a hub name.
+
+    Built-in names (``tiny-qwen3``, ``tiny-qwen2``) give a random-weight model here; the trainer
+    warm-starts them (see ``onelayer.train.warmstart``) before RL.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    name = str(name_or_path)
+    if name in TINY_SHAPES:
+        model, tok = build_tiny(name)
+        return model.to(device=device, dtype=dtype), tok
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {name!r}: no config.json in that directory; pass a directory written by "
+            f"save_pretrained, a hub name, or one of {', '.join(BUILTIN_MODELS)}"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load model {name!r}: it is not a built-in ({', '.join(BUILTIN_MODELS)}), "
+            f"not a local model directory, and the hub could not provide it ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]})"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model.to(device), tok

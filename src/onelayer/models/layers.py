@@ -1,0 +1,442 @@
+"""Layer selection: parse layer specs, find decoder blocks, freeze everything else, verify frozen tensors.
+
+A *layer* is one decoder block of an HF causal LM: every parameter under that block (attention, MLP
+and its norms). Embeddings, the final norm and the LM head stay frozen unless asked for.
+
+Typical use, before any optimizer exists::
+
+    sel = select_layers(model, "middle:1")                  # freeze all, unfreeze block(s)
+    fingerprint = fingerprint_frozen(model)                 # hashes, no second copy of the model
+    ref = copy_trainable(model)                             # reference policy = one copy of the blocks
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-5)
+    ...
+    with torch.no_grad(), swap_weights(model, ref):
+        ref_logits = model(input_ids).logits                # the reference (pre-RL) policy
+    ...
+    ok, changed = frozen_unchanged(model, fingerprint)      # recorded in the job's eval.json
+
+Layer spec grammar (comma-separated items, whitespace ignored, keywords case-insensitive)::
+
+    all           every block                 none          no block (base model)
+    7             block 7                     -1            the last block (negatives count from the end)
+    2-5           blocks 2,3,4,5 (inclusive)  3,5 / 0,-1 / 1,3-4   any mix of index and range items
+    middle:k      the k centre blocks: start = (L - k) // 2, i.e. blocks start .. start+k-1
+                  (L=8,k=1 -> [3]; L=8,k=2 -> [3,4]; L=7,k=1 -> [3]; L=7,k=2 -> [2,3])
+    top:k@FILE    the k blocks with the highest mean contribution in a contributions CSV
+                  (FILE must not contain a comma)
+
+`all` and `none` stand alone. The result is always sorted, unique and within [0, L).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+GRAMMAR = (
+    "all | none | N | -N | A-B | middle:K | top:K@FILE, with index/range items combinable by commas "
+    "(e.g. '7', '3,5', '2-5', '-1', '0,-1', '1,3-4', 'middle:2', 'top:3@contributions.csv')"
+)
+
+# Tried in order before discovery; covers Llama/Qwen2/Qwen3/Mistral/Phi/Gemma, GPT-2/GPT-J/Falcon,
+# GPT-NeoX/Pythia, OPT, MPT, and multimodal wrappers whose text model sits one level deeper.
+KNOWN_BLOCK_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.blocks",
+    "transformer.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "layers",
+    "h",
+)
+
+
+class LayerSpecError(ValueError):
+    """A layer spec or block path that does not fit the model; the message names the value and layer count."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec parsing
+
+
+def _spec_error(spec: str, num_layers: int, problem: str, grammar: bool = False) -> LayerSpecError:
+    msg = f"layer spec {spec!r}: {problem}; this model has {num_layers} layers"
+    if grammar:
+        msg += f". Layer specs are: {GRAMMAR}"
+    return LayerSpecError(msg)
+
+
+def _index(spec: str, value: int, num_layers: int) -> int:
+    """Map a possibly negative index into [0, L), or raise naming the valid ranges."""
+    if -num_layers <= value < num_layers:
+        return value % num_layers
+    raise LayerSpecError(
+        f"layer spec {spec!r}: index {value} is out of range; this model has {num_layers} layers "
+        f"(valid indices 0..{num_layers - 1}, or -{num_layers}..-1)"
+    )
+
+
+def _check_k(spec: str, k: int, num_layers: int) -> None:
+    if not 1 <= k <= num_layers:
+        raise _spec_error(spec, num_layers, f"k={k} is out of range (need 1 <= k <= {num_layers})")
+
+
+def middle_layers(k: int, num_layers: int) -> list[int]:
+    """The k centre blocks: start = (L - k) // 2, so an off-centre choice leans toward the input."""
+    start = (num_layers - k) // 2
+    return list(range(start, start + k))
+
+
+def _read_contributions(spec: str, path: Path, num_layers: int) -> dict[int, float]:
+    """Mean contribution per layer from a CSV with columns `layer`, `contribution` (and maybe `condition`).
+
+    With a `condition` column each condition is averaged first, then layers are averaged over the
+    conditions they appear in, so a condition with more rows (e.g. seeds) does not dominate. Rows whose
+    `layer` is not an integer (e.g. 'full', 'base') or whose contribution is empty/NaN are skipped.
+    """
+    if not path.is_file():
+        raise _spec_error(spec, num_layers, f"contributions file {str(path)!r} does not exist")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("layer", "contribution") if c not in columns]
+        if missing:
+            raise _spec_error(
+                spec, num_layers,
+                f"contributions file {str(path)!r} lacks column(s) {', '.join(missing)} "
+                f"(has: {', '.join(columns) or 'none'})",
+            )
+        per_condition: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for raw in reader:
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+            try:
+                layer_f = float(row["layer"])
+                value = float(row["contribution"])
+            except ValueError:
+                continue
+            if not layer_f.is_integer() or math.isnan(value):
+                continue
+            layer = int(layer_f)
+            if not 0 <= layer < num_layers:
+                raise _spec_error(
+                    spec, num_layers,
+                    f"contributions file {str(path)!r} lists layer {layer}, which this model does not have "
+                    f"(valid 0..{num_layers - 1}); was it measured on a different model?",
+                )
+            per_condition[row.get("condition", "")][layer].append(value)
+    sums: dict[int, list[float]] = defaultdict(list)
+    for layers in per_condition.values():
+        for layer, values in layers.items():
+            sums[layer].append(sum(values) / len(values))
+    return {layer: sum(means) / len(means) for layer, means in sums.items()}
+
+
+def top_layers(spec: str, k: int, file: str, num_layers: int) -> list[int]:
+    """The k layers with the highest mean contribution in FILE (ties: lower index first)."""
+    _check_k(spec, k, num_layers)
+    means = _read_contributions(spec, Path(file).expanduser(), num_layers)
+    if len(means) < k:
+        raise _spec_error(
+            spec, num_layers, f"asked for top {k} but {file!r} ranks only {len(means)} layer(s)"
+        )
+    ranked = sorted(means, key=lambda layer: (-means[layer], layer))
+    return ranked[:k]
+
+
+_INT = r"-?\d+"
+
+
+def _parse_item(spec: str, item: str, num_layers: int) -> list[int]:
+    """One comma-separated item: N, A-B, middle:K or top:K@FILE."""
+    top = re.fullmatch(r"(?i)top\s*:\s*(\d+)\s*@\s*(.+)", item.strip())
+    if top:
+        return top_layers(spec, int(top.group(1)), top.group(2).strip(), num_layers)
+    compact = re.sub(r"\s+", "", item).lower()
+    middle = re.fullmatch(r"middle:(\d+)", compact)
+    if middle:
+        k = int(middle.group(1))
+        _check_k(spec, k, num_layers)
+        return middle_layers(k, num_layers)
+    if re.fullmatch(_INT, compact):
+        return [_index(spec, int(compact), num_layers)]
+    span = re.fullmatch(rf"({_INT})-({_INT})", compact)
+    if span:
+        lo = _index(spec, int(span.group(1)), num_layers)
+        hi = _index(spec, int(span.group(2)), num_layers)
+        if lo > hi:
+            raise _spec_error(spec, num_layers, f"range {item.strip()!r} is empty (start {lo} > end {hi})")
+        return list(range(lo, hi + 1))
+    raise _spec_error(spec, num_layers, f"cannot parse {item.strip()!r}", grammar=True)
+
+
+def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
+    """Parse a layer spec (see module docstring) into sorted unique block indices in [0, num_layers)."""
+    if num_layers < 1:
+        raise LayerSpecError(f"layer spec {spec!r}: the model has {num_layers} layers; nothing to select")
+    if not isinstance(spec, str) or not spec.strip():
+        raise _spec_error(str(spec), num_layers, "empty spec", grammar=True)
+    keyword = spec.strip().lower()
+    if keyword == "all":
+        return list(range(num_layers))
+    if keyword == "none":
+        return []
+    items = spec.split(",")
+    selected: set[int] = set()
+    for item in items:
+        if not item.strip():
+            raise _spec_error(spec, num_layers, "empty item between commas", grammar=True)
+        if item.strip().lower() in ("all", "none"):
+            raise _spec_error(spec, num_layers, f"{item.strip()!r} must stand alone", grammar=True)
+        selected.update(_parse_item(spec, item, num_layers))
+    return sorted(selected)
+
+
+def describe_layers(indices: list[int], num_layers: int) -> str:
+    """A short run-name label: 'all', 'none', 'L3', 'L2-5', 'L1,3', 'L1,3-4'."""
+    indices = sorted(set(indices))
+    if not indices:
+        return "none"
+    if indices == list(range(num_layers)):
+        return "all"
+    runs: list[str] = []
+    start = prev = indices[0]
+    for i in indices[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return "L" + ",".join(runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the decoder blocks
+
+
+def num_hidden_layers(model: nn.Module) -> int | None:
+    """The model's block count from its config (num_hidden_layers / n_layer / text_config), if any."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _module_list_at(model: nn.Module, path: str) -> nn.ModuleList | None:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.ModuleList) else None
+
+
+def _homogeneous(blocks: nn.ModuleList) -> bool:
+    return len(blocks) > 0 and len({type(b) for b in blocks}) == 1
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return (dotted path, ModuleList) of the decoder blocks of an HF causal LM.
+
+    `path` (e.g. "model.layers") is used as given. Otherwise known paths are tried, then the largest
+    (by parameter count) ModuleList whose length is the config's layer count and whose children all
+    share one class.
+    """
+    expected = num_hidden_layers(model)
+    if path is not None:
+        blocks = _module_list_at(model, path)
+        if blocks is None:
+            raise LayerSpecError(
+                f"block path {path!r} does not name an nn.ModuleList in {type(model).__name__}"
+                f" (config says {expected} layers)"
+            )
+        return path, blocks
+    for known in KNOWN_BLOCK_PATHS:
+        blocks = _module_list_at(model, known)
+        # No same-class check here: hybrid models may mix block classes under a known path.
+        if blocks is not None and len(blocks) > 0 and (expected is None or len(blocks) == expected):
+            return known, blocks
+    candidates = [
+        (sum(p.numel() for p in module.parameters()), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and _homogeneous(module)
+        and (expected is None or len(module) == expected)
+    ]
+    if not candidates:
+        raise LayerSpecError(
+            f"cannot find the decoder blocks of {type(model).__name__} (config says {expected} layers): "
+            "no nn.ModuleList of that length with blocks of one class; pass the attribute path "
+            "explicitly (block_path / --block-path, e.g. 'model.layers')"
+        )
+    _, name, module = max(candidates, key=lambda c: c[0])
+    return name, module
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing
+
+
+@dataclass
+class Selection:
+    """What select_layers made trainable."""
+
+    spec: str
+    indices: list[int]
+    num_layers: int
+    block_path: str
+    trainable_names: list[str]
+    trainable_params: int
+    total_params: int
+    label: str
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts; a tied tensor counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The tensors to hand the optimizer: only those that require grad."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def select_layers(
+    model: nn.Module,
+    spec: str,
+    *,
+    block_path: str | None = None,
+    train_embeddings: bool = False,
+    train_lm_head: bool = False,
+    train_non_block: bool = False,
+) -> Selection:
+    """Freeze every parameter, then unfreeze the blocks chosen by `spec`. Call before building the optimizer.
+
+    `train_embeddings` unfreezes the input token embeddings, `train_lm_head` the output projection.
+    When the LM head is tied to the embeddings (one shared tensor), either flag trains that shared
+    tensor, so both the embeddings and the head change. `train_non_block` unfreezes every parameter
+    outside the blocks (embeddings, position embeddings, final norm, LM head): with spec 'all' that is
+    full-parameter training.
+    """
+    path, blocks = find_blocks(model, block_path)
+    indices = parse_layer_spec(spec, len(blocks))
+    for p in model.parameters():
+        p.requires_grad_(train_non_block)
+    for p in blocks.parameters():
+        p.requires_grad_(False)
+    for i in indices:
+        for p in blocks[i].parameters():
+            p.requires_grad_(True)
+    if train_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(True)
+    if train_lm_head:
+        head = model.get_output_embeddings()
+        if head is None:
+            raise LayerSpecError(f"{type(model).__name__} has no output embeddings (LM head) to train")
+        for p in head.parameters():
+            p.requires_grad_(True)
+    trainable, total = count_parameters(model)
+    return Selection(
+        spec=spec,
+        indices=indices,
+        num_layers=len(blocks),
+        block_path=path,
+        trainable_names=[n for n, p in model.named_parameters() if p.requires_grad],
+        trainable_params=trainable,
+        total_params=total,
+        label=describe_layers(indices, len(blocks)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen-tensor verification (hashes, not a second copy of the model)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """blake2b of a tensor's exact bytes, plus its dtype and shape (so a reinterpretation also shows)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = dict(model.named_buffers())
+    tensors.update(model.named_parameters())
+    return tensors
+
+
+def fingerprint_frozen(model: nn.Module) -> dict[str, str]:
+    """Hash every frozen parameter and every buffer (rotary caches included: they must not change either)."""
+    fingerprint = {name: tensor_digest(b) for name, b in model.named_buffers()}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            fingerprint[name] = tensor_digest(p)
+    return fingerprint
+
+
+def frozen_unchanged(model: nn.Module, fingerprint: dict[str, str]) -> tuple[bool, list[str]]:
+    """(all bit-identical?, names that changed or disappeared) against a fingerprint_frozen result."""
+    tensors = _named_tensors(model)
+    changed = [
+        name for name, digest in fingerprint.items()
+        if name not in tensors or tensor_digest(tensors[name]) != digest
+    ]
+    return not changed, changed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference policy without a second model
+
+
+def copy_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached clones of the trainable parameters only: memory is one copy of the selected blocks."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def swap_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Temporarily put `weights` (e.g. from copy_trainable) into the named parameters; restore on exit.
+
+    Inside, a forward pass computes the reference policy. Use it under torch.no_grad(): autograd
+    graphs built inside would refer to the swapped-in tensors. Restoring happens even on exception.
+    """
+    params = dict(model.named_parameters())
+    for name, w in weights.items():
+        if name not in params:
+            raise KeyError(f"swap_weights: model has no parameter {name!r}")
+        p = params[name]
+        if w.shape != p.shape or w.dtype != p.dtype or w.device != p.device:
+            raise ValueError(
+                f"swap_weights: {name!r} is {tuple(p.shape)} {p.dtype} on {p.device}, "
+                f"got {tuple(w.shape)} {w.dtype} on {w.device}"
+            )
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        for name, w in weights.items():
+            saved[name] = params[name].data
+            params[name].data = w
+        yield model
+    finally:
+        for name, data in saved.items():
+            params[name].data = data

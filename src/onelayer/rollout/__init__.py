@@ -1,0 +1,5 @@
+"""Rollout: batched sampling with a KV cache and the log-probs the RL loss uses."""
+
+from onelayer.rollout.sampling import RolloutBatch, left_pad, sample, sequence_logprobs
+
+__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_logprobs"]

@@ -1,0 +1,119 @@
+"""Single-turn tasks and their registry: ``make("arith", difficulty=3)``.
+
+Built-in names: ``arith`` (synthetic arithmetic, the default), ``gsm8k`` and ``math`` (local files or
+hub names). Other modules add theirs with ``register(name, factory)``; a factory is a class or
+function whose keyword arguments are the task's options.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Callable
+
+from .arith import ArithTask
+from .base import Task, TaskError
+from .mathdata import GSM8KTask, MATHTask
+from .rewards import RewardFuncTask, load_callable
+
+__all__ = [
+    "Task",
+    "TaskError",
+    "make",
+    "register",
+    "registered",
+    "parse_task_opts",
+    "ArithTask",
+    "GSM8KTask",
+    "MATHTask",
+    "RewardFuncTask",
+    "load_callable",
+]
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str, factory: Callable[..., Task], *, overwrite: bool = False) -> None:
+    """Make ``factory(**options)`` available as ``make(name, **options)``."""
+    if not callable(factory):
+        raise TypeError(f"task factory for {name!r} is not callable")
+    if name in _REGISTRY and not overwrite and _REGISTRY[name] is not factory:
+        raise ValueError(f"task {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = factory
+
+
+def registered() -> list[str]:
+    """The registered task names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _option_names(factory: Callable) -> list[str] | None:
+    """Keyword options ``factory`` accepts, or None when it takes ``**kwargs`` (anything goes)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def make(name: str, **options) -> Task:
+    """Build the task registered as ``name`` with ``options``; errors name the valid choices."""
+    if name not in _REGISTRY:
+        raise TaskError(f"unknown task {name!r}; registered tasks: {', '.join(registered())}")
+    factory = _REGISTRY[name]
+    valid = _option_names(factory)
+    if valid is not None:
+        for key in options:
+            if key not in valid:
+                raise TaskError(
+                    f"task {name!r} has no option {key!r}; valid options: {', '.join(valid) or '(none)'}"
+                )
+    return factory(**options)
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
+
+
+def _typed(value: str):
+    low = value.lower()
+    if low == "true":
+        return True
+    if low == "false":
+        return False
+    if low in ("null", "none"):
+        return None
+    if _INT_RE.fullmatch(value):
+        return int(value)
+    if _FLOAT_RE.fullmatch(value):
+        return float(value)
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]  # quoted: always a string ("'123'" → "123")
+    return value
+
+
+def parse_task_opts(pairs: list[str]) -> dict:
+    """Turn CLI ``key=value`` strings into a dict of typed values.
+
+    Values become int, float, bool (``true``/``false``), None (``null``/``none``) or, otherwise, str;
+    quote a value (``key='12'``) to keep it a string. Splits at the first ``=``, so values may hold ``=``.
+    """
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TaskError(f"malformed task option {pair!r}: write key=value, e.g. --task-opt difficulty=3")
+        if not key.isidentifier():
+            raise TaskError(f"malformed task option {pair!r}: {key!r} is not a valid option name")
+        if key in out:
+            raise TaskError(f"task option {key!r} given twice ({key}={out[key]!r} and {pair!r}); give it once")
+        out[key] = _typed(value)
+    return out
+
+
+register("arith", ArithTask)
+register("gsm8k", GSM8KTask)
+register("math", MATHTask)

@@ -1,0 +1,445 @@
+"""Math word-problem tasks from data files: GSM8K format and MATH format, scored with math-verify.
+
+Formats (one row per problem):
+
+- **gsm8k**: ``question`` and ``answer``; the answer is a worked solution ending in ``#### <final>``
+  (``"... so she pays 1,200 dollars.\\n#### 1,200"``). Commas in the final number are dropped.
+- **math**: ``problem`` and ``solution``; the final answer is the last ``\\boxed{...}`` of the
+  solution, or the row's ``answer`` field when there is one (as in MATH-500).
+
+Sources: a local ``.jsonl`` (one JSON object per line), ``.json`` (a list of objects) or ``.parquet``
+file (needs pyarrow), or — when the path does not exist locally and does not look like a file name —
+a Hugging Face ``datasets`` hub name, optionally with a split: ``"openai/gsm8k"``,
+``"HuggingFaceH4/MATH-500:test"`` (``datasets`` is imported only then).
+
+Splits: pass ``train_path`` and ``eval_path``, or a single ``path``. A single local file is split by a
+deterministic holdout: a row goes to eval when a hash of ``seed`` and its question text falls below
+``eval_fraction`` (duplicated questions land in the same split). A single hub name uses its ``train``
+and ``test`` splits (holdout of ``train`` if it has no ``test``). ``n_train`` / ``n_eval`` keep the
+first n rows of a split (file order).
+
+Prompts are short on purpose (tiny models): ``"{question}\\nAnswer:"`` for gsm8k and
+``"{problem}\\nAnswer:"`` for math; ``prompt_template`` may name any field of the row.
+
+Scoring: the gold answer and the completion are parsed with ``math_verify.parse`` and compared with
+``math_verify.verify`` → 1.0 or 0.0. A completion that is a bare expression (no ``$`` delimiters and
+no words, like ``2\\sqrt{3}`` or ``-3, 3`` as a tiny model writes it) is parsed as LaTeX. math-verify's
+timeouts use ``signal.alarm``, which only works in the main thread: there they are kept; elsewhere
+(worker threads) they are switched off and the completion is truncated to its last
+``MAX_PARSE_CHARS`` characters to bound the work instead.
+
+Demonstrations are the final answer only (``" 1200"``, ``" \\frac{1}{2}"``; a space is put in front
+when the prompt does not end in whitespace) — tiny models learn the answer format, not the reasoning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+from .base import Task, TaskError, check_split
+
+MAX_PARSE_CHARS = 2000  # bound on what is parsed without a timeout (worker threads)
+PARSE_TIMEOUT_S = 5  # math-verify timeouts, main thread only (signal.alarm takes whole seconds)
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_LATEX_DELIMS = ("$", "\\(", "\\[", "\\boxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading rows
+
+
+def _read_local(path: Path, where: str) -> list[tuple[str, dict]]:
+    """Rows of a local file as (location, row) pairs; the location reads "line 3" / "row 3"."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{where} line {lineno}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+                out.append((f"line {lineno}", row))
+        return out
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}); a .json file must hold a list of objects") from None
+        if not isinstance(data, list):
+            raise TaskError(f"{where}: a .json file must hold a list of objects, got {type(data).__name__} (use .jsonl for one object per line)")
+        return [(f"row {i}", row) for i, row in enumerate(data, 1)]
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise TaskError(f"{where}: reading .parquet needs pyarrow (pip install pyarrow), or convert the file to .jsonl") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise TaskError(f"{where}: cannot read parquet ({type(e).__name__}: {e})") from None
+        return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
+    raise TaskError(f"{where}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
+
+
+def _load_hub(name: str, split: str, task: str, subset: str | None) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(
+            f"{task}: {name!r} is not a local file, and loading it as a hub dataset needs the `datasets` "
+            f"package (pip install datasets); or pass a local .jsonl/.json/.parquet file"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:
+        raise TaskError(
+            f"{task}: could not load {name!r} (split {split!r}) from the Hugging Face hub "
+            f"({type(e).__name__}: {e}); the hub is unreachable or the name/split is wrong — "
+            f"pass a local .jsonl/.json/.parquet file instead (task option path=FILE)"
+        ) from None
+    return [(f"row {i}", dict(row)) for i, row in enumerate(ds, 1)]
+
+
+def _looks_like_file(source: str) -> bool:
+    return source.lower().endswith(_FILE_SUFFIXES) or source.startswith((".", "/", "~"))
+
+
+def _split_hub_name(source: str) -> tuple[str, str | None]:
+    name, sep, split = source.partition(":")
+    return name, (split or None) if sep else None
+
+
+def _read_source(source: str, task: str, subset: str | None, default_split: str) -> tuple[str, str, list[tuple[str, dict]]]:
+    """(tag, where, rows) of a local file or hub dataset: the tag prefixes item ids, ``where``
+    starts error messages ("gsm8k file data.jsonl")."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        where = f"{task} file {source}"
+        return path.stem, where, _read_local(path, where)
+    if path.exists():
+        raise TaskError(f"{task}: {source!r} is a directory; pass a .jsonl, .json or .parquet file")
+    if _looks_like_file(source):
+        raise TaskError(f"{task}: file {source!r} not found (checked relative to {os.getcwd()})")
+    name, split = _split_hub_name(source)
+    split = split or default_split
+    return f"{name}:{split}", f"{task} dataset {name}:{split}", _load_hub(name, split, task, subset)
+
+
+# ---------------------------------------------------------------------------------------------
+# final answers
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed 5``) in ``text``, or None."""
+    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
+    if not starts:
+        return None
+    i = starts[-1].end()
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
+        return None
+    if text[i] != "{":  # "\boxed 5": the answer runs to the next space or dollar
+        m = re.match(r"[^\s$]+", text[i:])
+        return m.group(0) if m else None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j].strip()
+    return None  # unbalanced braces
+
+
+def gsm8k_final(answer: str) -> str | None:
+    """The final number after ``####`` in a GSM8K answer, commas and spaces removed; None if absent."""
+    if "####" not in answer:
+        return None
+    final = answer.rsplit("####", 1)[1].strip().replace(",", "").replace(" ", "")
+    return final.rstrip(".") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# math-verify, usable from any thread
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    # Timeouts are switched off on purpose in worker threads (see module docstring).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
+
+
+_mv_lock = threading.Lock()
+_mv = None
+
+
+def _math_verify():
+    global _mv
+    with _mv_lock:
+        if _mv is None:
+            import math_verify
+
+            for logger_name in ("math_verify.parser", "math_verify.grader"):
+                logging.getLogger(logger_name).addFilter(_DropTimeoutDisabledWarning())
+            _mv = math_verify
+    return _mv
+
+
+def _timeout() -> int | None:
+    return PARSE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _bare_math(text: str) -> bool:
+    """Whether ``text`` is an expression without math delimiters (no words outside LaTeX commands)."""
+    if any(d in text for d in _LATEX_DELIMS):
+        return False
+    stripped = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}", "", text)
+    stripped = re.sub(r"\\[A-Za-z]+", "", stripped)
+    return re.search(r"[A-Za-z]{2,}", stripped) is None
+
+
+def mv_parse(text: str, latex: bool = False) -> list:
+    """``math_verify.parse`` that works in any thread; ``latex=True`` wraps bare text in ``$…$``."""
+    mv = _math_verify()
+    t = _timeout()
+    text = text.strip()
+    if t is None:
+        text = text[-MAX_PARSE_CHARS:]
+    if latex or _bare_math(text):
+        # bare LaTeX such as "2\sqrt{3}" or "-3, 3" is otherwise read as the plain number 2 / 3
+        parsed = mv.parse(f"${text}$", parsing_timeout=t)
+        if parsed:
+            return parsed
+    return mv.parse(text, parsing_timeout=t)
+
+
+def mv_verify(gold: list, pred: list) -> bool:
+    """``math_verify.verify`` that works in any thread."""
+    if not gold or not pred:
+        return False
+    return bool(_math_verify().verify(gold, pred, timeout_seconds=_timeout()))
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+
+
+class MathDataTask(Task):
+    """Shared loader and scorer for GSM8K- and MATH-format data (use GSM8KTask / MATHTask)."""
+
+    question_field = ""  # the field that identifies a problem (holdout hash)
+    required: tuple[str, ...] = ()
+    default_template = ""
+    gold_is_latex = False  # parse the gold answer as LaTeX even without delimiters
+
+    def __init__(
+        self,
+        path: str | None = None,
+        train_path: str | None = None,
+        eval_path: str | None = None,
+        eval_fraction: float = 0.1,
+        n_train: int | None = None,
+        n_eval: int | None = None,
+        prompt_template: str | None = None,
+        seed: int = 0,
+        subset: str | None = None,
+    ):
+        name = self.name
+        if path is not None and (train_path is not None or eval_path is not None):
+            raise TaskError(f"{name}: pass either path (split by eval_fraction) or train_path/eval_path, not both")
+        if path is None and (train_path is None or eval_path is None):
+            given = "train_path" if train_path is not None else "eval_path" if eval_path is not None else None
+            hint = f" ({given} alone is not enough)" if given else ""
+            raise TaskError(f"{name}: no data{hint}; pass path=FILE (split into train/eval by eval_fraction) or both train_path=FILE and eval_path=FILE")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TaskError(f"{name}: seed={seed!r} must be an integer")
+        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
+            raise TaskError(f"{name}: eval_fraction={eval_fraction!r} must be a number between 0 and 1 (exclusive)")
+        for key, n in (("n_train", n_train), ("n_eval", n_eval)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise TaskError(f"{name}: {key}={n!r} must be a non-negative integer or null (all rows)")
+        template = self.default_template if prompt_template is None else prompt_template
+        if not isinstance(template, str):
+            raise TaskError(f"{name}: prompt_template must be a string like {self.default_template!r}")
+        self.template = template
+        self.options = {
+            "path": None if path is None else str(path),
+            "train_path": None if train_path is None else str(train_path),
+            "eval_path": None if eval_path is None else str(eval_path),
+            "eval_fraction": float(eval_fraction),
+            "n_train": n_train,
+            "n_eval": n_eval,
+            "prompt_template": template,
+            "seed": seed,
+            "subset": subset,
+        }
+        self._subset = subset
+        self._splits = self._load()
+        self._gold_cache: dict[str, list] = {}
+
+    # -- loading ------------------------------------------------------------------------------
+    def _load(self) -> dict[str, list[dict]]:
+        o = self.options
+        if o["path"] is not None:
+            source = o["path"]
+            local = Path(source).expanduser().exists() or _looks_like_file(source)
+            hub_name, hub_split = (None, None) if local else _split_hub_name(source)
+            if hub_name is not None and hub_split is None:
+                train = self._items(*_read_source(f"{hub_name}:train", self.name, self._subset, "train"))
+                try:
+                    test = _read_source(f"{hub_name}:test", self.name, self._subset, "test")
+                except TaskError:  # no test split: hold out part of train
+                    splits = self._holdout(train)
+                else:
+                    splits = {"train": train, "eval": self._items(*test)}
+            else:
+                splits = self._holdout(self._items(*_read_source(source, self.name, self._subset, "train")))
+        else:
+            splits = {
+                "train": self._items(*_read_source(o["train_path"], self.name, self._subset, "train")),
+                "eval": self._items(*_read_source(o["eval_path"], self.name, self._subset, "test")),
+            }
+        for split, key in (("train", "n_train"), ("eval", "n_eval")):
+            if o[key] is not None:
+                splits[split] = splits[split][: o[key]]
+        return splits
+
+    def _holdout(self, items: list[dict]) -> dict[str, list[dict]]:
+        splits: dict[str, list[dict]] = {"train": [], "eval": []}
+        for it in items:
+            key = f"{self.options['seed']}:{it[self.question_field]}".encode()
+            u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+            splits["eval" if u < self.options["eval_fraction"] else "train"].append(it)
+        return splits
+
+    def _items(self, tag: str, where: str, rows: list[tuple[str, dict]]) -> list[dict]:
+        items = []
+        for loc, row in rows:
+            if not isinstance(row, dict):
+                raise TaskError(f"{where} {loc}: expected a JSON object with fields {self._fields_text()}, got {type(row).__name__}")
+            for field in self.required:
+                if field not in row or row[field] is None:
+                    raise TaskError(f"{where} {loc}: missing field {field!r} (each row needs {self._fields_text()})")
+                if not isinstance(row[field], str):
+                    raise TaskError(f"{where} {loc}: field {field!r} must be a string, got {type(row[field]).__name__}")
+            final = self._final_answer(row, f"{where} {loc}")
+            try:
+                prompt = self.template.format(**row)
+            except KeyError as e:
+                raise TaskError(
+                    f"{self.name}: prompt_template {self.template!r} names field {e.args[0]!r}, which {where} {loc} "
+                    f"lacks; available fields: {', '.join(sorted(row))} (write {{{{ and }}}} for literal braces)"
+                ) from None
+            except (IndexError, ValueError) as e:
+                raise TaskError(f"{self.name}: bad prompt_template {self.template!r} ({e}); use named fields like {{{self.question_field}}}") from None
+            item = {k: v for k, v in row.items() if k not in ("id", "prompt")}
+            item.update(id=f"{tag}:{loc.split()[-1]}", prompt=prompt, final_answer=final)
+            items.append(item)
+        return items
+
+    def _fields_text(self) -> str:
+        return " and ".join(repr(f) for f in self.required)
+
+    def _final_answer(self, row: dict, where: str) -> str:
+        raise NotImplementedError
+
+    # -- Task API -----------------------------------------------------------------------------
+    def items(self, split: str) -> list[dict]:
+        check_split(split)
+        return [dict(it) for it in self._splits[split]]
+
+    def _gold(self, item: dict) -> list:
+        final = item["final_answer"]
+        gold = self._gold_cache.get(final)
+        if gold is None:
+            gold = mv_parse(final, latex=self.gold_is_latex)
+            self._gold_cache[final] = gold
+        return gold
+
+    def score(self, item: dict, completion: str) -> float:
+        return 1.0 if mv_verify(self._gold(item), mv_parse(completion)) else 0.0
+
+    def demonstration(self, item: dict) -> str:
+        prompt = item.get("prompt", "")
+        sep = "" if not prompt or prompt[-1].isspace() else " "
+        return sep + item["final_answer"]
+
+
+class GSM8KTask(MathDataTask):
+    """GSM8K-format word problems: rows with ``question`` and ``answer`` ending in ``#### <number>``."""
+
+    name = "gsm8k"
+    question_field = "question"
+    required = ("question", "answer")
+    default_template = "{question}\nAnswer:"
+
+    def __init__(
+        self,
+        path: str | None = None,
+        train_path: str | None = None,
+        eval_path: str | None = None,
+        eval_fraction: float = 0.1,
+        n_train: int | None = None,
+        n_eval: int | None = None,
+        prompt_template: str = "{question}\nAnswer:",
+        seed: int = 0,
+        subset: str | None = None,
+    ):
+        if subset is None and path is not None and not Path(path).expanduser().exists() and "gsm8k" in path.lower():
+            subset = "main"  # the hub GSM8K needs a config name
+        super().__init__(path, train_path, eval_path, eval_fraction, n_train, n_eval, prompt_template, seed, subset)
+
+    def _final_answer(self, row: dict, where: str) -> str:
+        final = gsm8k_final(row["answer"])
+        if final is None:
+            raise TaskError(f"{where}: field 'answer' has no '#### <final answer>' line (GSM8K answers end with e.g. '#### 42')")
+        return final
+
+
+class MATHTask(MathDataTask):
+    """MATH-format problems: rows with ``problem`` and ``solution`` (last ``\\boxed{}``), or an ``answer`` field."""
+
+    name = "math"
+    question_field = "problem"
+    required = ("problem",)
+    default_template = "{problem}\nAnswer:"
+    gold_is_latex = True
+
+    def __init__(
+        self,
+        path: str | None = None,
+        train_path: str | None = None,
+        eval_path: str | None = None,
+        eval_fraction: float = 0.1,
+        n_train: int | None = None,
+        n_eval: int | None = None,
+        prompt_template: str = "{problem}\nAnswer:",
+        seed: int = 0,
+        subset: str | None = None,
+    ):
+        super().__init__(path, train_path, eval_path, eval_fraction, n_train, n_eval, prompt_template, seed, subset)
+
+    def _final_answer(self, row: dict, where: str) -> str:
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, bool) and str(answer).strip():
+            return str(answer).strip()
+        solution = row.get("solution")
+        if solution is None:
+            raise TaskError(f"{where}: missing field 'solution' (each row needs 'problem' and 'solution' with a \\boxed{{}} answer, or an 'answer' field)")
+        if not isinstance(solution, str):
+            raise TaskError(f"{where}: field 'solution' must be a string, got {type(solution).__name__}")
+        boxed = last_boxed(solution)
+        if not boxed:
+            raise TaskError(f"{where}: field 'solution' has no \\boxed{{...}} final answer (add one, or give the row an 'answer' field)")
+        return boxed

@@ -1,0 +1,251 @@
+"""The RL loop: one run of GRPO / Dr. GRPO that updates only the selected layers.
+
+Read top to bottom: set up (task, policy, layer selection, optimizer, resume) → evaluate the base →
+for each step: sample G completions per prompt, score them, compute group advantages, run
+`num_iterations` clipped policy-gradient passes over minibatches, log → evaluate again → write
+`eval.json`, the model, and the frozen-tensor check. Algorithm math lives in `onelayer.algos`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from onelayer import tasks
+from onelayer.algos import get_preset, group_advantages, policy_loss
+from onelayer.config import ConfigError, TrainConfig
+from onelayer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, replace_dir, write_jsonl
+from onelayer.models.layers import (
+    copy_trainable, fingerprint_frozen, frozen_unchanged, select_layers, swap_weights, trainable_parameters,
+)
+from onelayer.rollout import sample, sequence_logprobs
+from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
+from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
+from onelayer.train.evaluate import decode_completions, encode_prompts, greedy_scores
+from onelayer.train.setup import load_model, resolve_device, setup_torch
+
+# Settings that may differ when a killed run is resumed (they do not change the result).
+RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the message says what was kept."""
+
+
+def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
+    """Train according to `cfg`, writing everything under `out`; returns the eval record."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if _status(out) == "done" and (out / "eval.json").is_file():
+        log(f"{out} is already done; not training again (remove it to rerun)")
+        return read_json(out / "eval.json")
+    _check_resumable(cfg, out)
+    setup_torch(cfg)
+    device = resolve_device(cfg.device)
+
+    task = tasks.make(cfg.task, **cfg.task_opts)
+    preset = get_preset(cfg.algo)
+    scale = cfg.scale_rewards or preset.scale
+    loss_agg = cfg.loss_type or preset.loss_agg
+    max_new = cfg.max_completion_length or getattr(task, "max_completion_length", 64)
+    model, tok, source = load_model(cfg, task, max_new, device, log)
+
+    # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.
+    selection = select_layers(model, cfg.layers, block_path=cfg.block_path, train_embeddings=cfg.train_embeddings,
+                              train_lm_head=cfg.train_lm_head, train_non_block=cfg.layers.strip().lower() == "all")
+    log(f"layers {cfg.layers!r} -> blocks {selection.indices} of {selection.num_layers}; trainable parameters "
+        f"{selection.trainable_params:,} of {selection.total_params:,} "
+        f"({selection.trainable_params / selection.total_params:.1%})")
+    fingerprint = fingerprint_frozen(model)
+    ref_weights = copy_trainable(model) if cfg.beta > 0 else None  # one copy of the trainable blocks only
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
+
+    resolved = {**cfg.to_dict(), "max_completion_length": max_new, "scale_rewards": scale, "loss_type": loss_agg,
+                "model_source": str(source), "layer_indices": selection.indices, "num_layers": selection.num_layers,
+                "trainable_params": selection.trainable_params, "total_params": selection.total_params,
+                "task_options": task.options, "config_hash": config_hash(cfg)}
+    atomic_write_json(out / "config.json", resolved)
+    _set_status(out, "running")
+
+    start_step = 0
+    if optimizer is not None and (state := load_checkpoint(out / "checkpoint", model, optimizer)):
+        start_step = state["step"]
+        log(f"resuming from the checkpoint at step {start_step}")
+    write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
+
+    train_items, eval_items = task.items("train"), task.items("eval")
+    evaluate = lambda: greedy_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)  # noqa: E731
+    base_scores = _cached(out / "base_eval.json", evaluate)
+    log(f"base score {_mean(base_scores):.1%} on {len(eval_items)} eval items")
+
+    writer = _tensorboard(out) if cfg.tensorboard else None
+    steps = range(start_step, cfg.max_steps) if optimizer is not None else range(0)
+    elapsed = sum(m.get("seconds", 0.0) for m in read_jsonl(out / "metrics.jsonl"))
+    with _progress(cfg, steps) as bar:
+        for step in bar:
+            t0 = time.perf_counter()
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            items = rng.sample(train_items, min(cfg.prompts_per_step, len(train_items)))
+
+            # rollout: G completions per prompt, with the behaviour log-probs for the ratio
+            batch = sample(model.eval(), encode_prompts(tok, [it["prompt"] for it in items]),
+                           num_generations=cfg.num_generations, max_new_tokens=max_new, temperature=cfg.temperature,
+                           top_p=cfg.top_p, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen)
+            t1 = time.perf_counter()
+            completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
+            group_items = [items[i] for i in batch.prompt_index.tolist()]
+            rewards = torch.tensor(task.score_batch(group_items, completions), dtype=torch.float32)
+            advantages = group_advantages(rewards, batch.prompt_index.cpu(), scale=scale).to(device)
+            t2 = time.perf_counter()
+
+            ref_logp = None
+            if ref_weights is not None:
+                with torch.no_grad(), swap_weights(model, ref_weights):
+                    ref_logp = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len,
+                                                 temperature=cfg.temperature)
+            t3 = time.perf_counter()
+
+            # update: num_iterations passes of clipped policy gradient over minibatches
+            model.train()
+            n = batch.input_ids.shape[0]
+            mb = cfg.mini_batch_size or n
+            stats_sum: dict[str, float] = {}
+            updates, grad_norm = 0, 0.0
+            for _ in range(cfg.num_iterations):
+                for idx in torch.randperm(n, generator=gen).split(mb):
+                    logp = sequence_logprobs(model, batch.input_ids[idx], batch.attention_mask[idx], batch.prompt_len,
+                                             temperature=cfg.temperature)
+                    loss, stats = policy_loss(
+                        logp, batch.logprobs[idx], advantages[idx], batch.completion_mask[idx],
+                        clip_eps=cfg.epsilon, clip_eps_high=cfg.epsilon_high, beta=cfg.beta, agg=loss_agg,
+                        ref_logp=None if ref_logp is None else ref_logp[idx], norm_len=max_new,
+                    )
+                    if not torch.isfinite(loss):
+                        _set_status(out, "failed", error=f"non-finite loss at step {step}")
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint "
+                            f"(every {cfg.save_every} steps) and metrics.jsonl are kept in {out}. "
+                            "Try a lower learning_rate or check the reward function for NaN/inf."
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.max_grad_norm > 0:
+                        grad_norm += float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    optimizer.step()
+                    updates += 1
+                    for k, v in stats.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v
+            t4 = time.perf_counter()
+
+            elapsed += t4 - t0
+            metrics = {
+                "step": step + 1,
+                "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                **{k: v / updates for k, v in stats_sum.items()},
+                "grad_norm": grad_norm / updates,
+                "completion_len": batch.completion_lengths.float().mean().item(),
+                "seconds": t4 - t0, "rollout_s": t1 - t0, "reward_s": t2 - t1, "ref_s": t3 - t2, "update_s": t4 - t3,
+                "elapsed_s": elapsed,
+            }
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+                metrics["eval_score"] = _mean(evaluate())
+            append_jsonl(out / "metrics.jsonl", metrics)
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step + 1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+                save_checkpoint(out / "checkpoint", model, optimizer, {"step": step + 1, "config_hash": config_hash(cfg)})
+
+    scores = evaluate()
+    unchanged, changed = frozen_unchanged(model, fingerprint)
+    record = {
+        "score": _mean(scores), "ci95": bootstrap_ci(scores), "n": len(scores),
+        "task": cfg.task, "task_options": task.options, "model": cfg.model, "algo": cfg.algo, "seed": cfg.seed,
+        "layers": cfg.layers, "layer_indices": selection.indices, "num_layers": selection.num_layers,
+        "trainable_params": selection.trainable_params, "total_params": selection.total_params,
+        "base_score": _mean(base_scores), "base_ci95": bootstrap_ci(base_scores),
+        "gain": _mean(scores) - _mean(base_scores), "gain_ci95": paired_bootstrap_ci(scores, base_scores),
+        "frozen_unchanged": unchanged, "frozen_changed": changed,
+        "steps": cfg.max_steps if optimizer is not None else 0, "train_seconds": round(elapsed, 2),
+        "item_ids": [it["id"] for it in eval_items], "item_scores": scores, "base_item_scores": base_scores,
+    }
+    if writer is not None:
+        writer.add_scalar("eval/score", record["score"], cfg.max_steps)
+        writer.close()
+    if cfg.save_model:
+        tmp = out / ".model.tmp"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        replace_dir(tmp, out / "model")
+    atomic_write_json(out / "eval.json", record)
+    _set_status(out, "done")
+    log(f"score {record['score']:.1%} (base {record['base_score']:.1%}), gain {record['gain']:+.1%} "
+        f"95% CI [{record['gain_ci95'][0]:+.1%}, {record['gain_ci95'][1]:+.1%}]; "
+        f"frozen tensors unchanged: {unchanged}")
+    return record
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_resumable(cfg: TrainConfig, out: Path) -> None:
+    if (out / "config.json").is_file():
+        old = read_json(out / "config.json").get("config_hash")
+        if old and old != config_hash(cfg):
+            raise ConfigError(
+                f"{out} already holds a run with a different config; use a new --out directory "
+                "or delete that one to start over"
+            )
+
+
+def _status(out: Path) -> str | None:
+    path = out / "status.json"
+    return read_json(path).get("status") if path.is_file() else None
+
+
+def _set_status(out: Path, status: str, **extra) -> None:
+    atomic_write_json(out / "status.json", {"status": status, "time": time.time(), **extra})
+
+
+def _cached(path: Path, compute):
+    """Per-item scores saved once, so a resumed run does not re-evaluate the base."""
+    if path.is_file():
+        return read_json(path)["item_scores"]
+    scores = compute()
+    atomic_write_json(path, {"item_scores": scores})
+    return scores
+
+
+def _mean(xs) -> float:
+    return float(sum(xs) / len(xs)) if len(xs) else float("nan")
+
+
+@contextlib.contextmanager
+def _progress(cfg: TrainConfig, steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(steps, desc="rl", unit="step", disable=not cfg.progress, dynamic_ncols=True, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard logging needs the 'tensorboard' package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tb"))

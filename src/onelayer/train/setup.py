@@ -1,0 +1,36 @@
+"""Run setup shared by train and eval: torch threads and seeds, device, and the policy to load."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from onelayer.config import ConfigError, TrainConfig
+from onelayer.models import BUILTIN_MODELS, load_policy
+from onelayer.train.warmstart import warm_started
+
+
+def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
+    """The policy to train: a built-in model is warm-started for the task (cached) unless disabled."""
+    source = cfg.model
+    if cfg.model in BUILTIN_MODELS and cfg.warm_start:
+        source = warm_started(cfg.model, task, max_new_tokens=max_new, log=log)
+    dtype = getattr(torch, cfg.dtype)
+    model, tok = load_policy(source, dtype=dtype, device=device)
+    return model, tok, source
+
+
+def setup_torch(cfg: TrainConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} requested but CUDA is not available; use --device cpu")
+    return name
