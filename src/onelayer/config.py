@@ -53,11 +53,11 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold for rollouts")
     # optimisation
-    learning_rate: float = _f(2e-4, "AdamW learning rate")
+    learning_rate: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mini_batch_size: int | None = _f(None, "completions per optimizer step; default: the whole batch")
-    max_steps: int = _f(150, "RL steps")
+    max_steps: int = _f(300, "RL steps")
     # evaluation, logging, checkpoints
     eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after)")
     save_every: int = _f(25, "checkpoint every N steps (a killed run resumes from the last one)")

@@ -22,7 +22,20 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    import socket
+
+    try:
+        socket.getaddrinfo(os.environ.get("HF_ENDPOINT", host).split("://")[-1].split("/")[0], 443)
+        return True
+    except OSError:
+        return False
 
 
 def build_tiny(name: str, seed: int = 0):
@@ -58,9 +71,11 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.f
             f"model {name!r}: no config.json in that directory; pass a directory written by "
             f"save_pretrained, a hub name, or one of {', '.join(BUILTIN_MODELS)}"
         )
+    # The local HF cache first; the hub only if it resolves (otherwise hub clients retry for minutes).
+    offline = not _hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load model {name!r}: it is not a built-in ({', '.join(BUILTIN_MODELS)}), "
