@@ -43,7 +43,8 @@ def test_warm_start_lands_in_band(base_dir):
 
 
 def test_full_run_writes_outputs(base_dir, tmp_path):
-    rec = train(tmp_path / "run", "--layers", "all", "--max-steps", "12")
+    rec = train(tmp_path / "run", "--layers", "all", "--max-steps", "12", "--tensorboard")
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     for key in ("score", "ci95", "n", "task", "layers", "base_score", "gain", "gain_ci95", "frozen_unchanged"):
         assert key in rec
     assert rec["n"] == 200 and rec["layers"] == "all" and rec["trainable_params"] == rec["total_params"]
