@@ -60,6 +60,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_list(text: str) -> list:
+    return [int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from onelayer.sweep import EXECUTORS, make_spec, run_sweep
+    from onelayer.tasks import parse_task_opts
+
+    values = load_yaml(args.config) if args.config else {}
+    for key in ("models", "tasks", "algos", "seeds"):
+        if getattr(args, key) is not None:
+            values[key] = _csv_list(getattr(args, key))
+    if args.layer_set:
+        values["layer_sets"] = [*values.get("layer_sets", []), *args.layer_set]
+    if args.single_layers is not None:
+        values["single_layers"] = args.single_layers
+    train = dict(values.get("train") or {})
+    train.update(parse_task_opts(args.set))
+    if args.task_opt:
+        train["task_opts"] = {**train.get("task_opts", {}), **parse_task_opts(args.task_opt)}
+    values["train"] = train
+    if args.executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {args.executor!r}; available: {', '.join(EXECUTORS)}")
+    spec = make_spec(values)
+    rows = run_sweep(spec, args.out, executor=args.executor, workers=args.workers, retry_failed=args.retry_failed)
+    failed = [r for r in rows if r["status"] != "done"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f"; not done: {', '.join(r['job_id'] for r in failed)}" if failed else ""))
+    return 0 if not failed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file for score, ci95, n, task")
     p.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("sweep", help="base, full and per-layer RL runs, then layer contributions")
+    p.add_argument("--config", help="YAML sweep spec (models, tasks, algos, seeds, layer_sets, single_layers, train)")
+    p.add_argument("--out", default="runs/sweep", help="sweep directory (default: runs/sweep)")
+    p.add_argument("--models", help="comma-separated models (default: tiny-qwen3)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: arith)")
+    p.add_argument("--algos", help="comma-separated algorithms (default: grpo)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: 0)")
+    p.add_argument("--layer-set", action="append", default=[], help="extra layer spec to run (repeatable)")
+    p.add_argument("--single-layers", action=argparse.BooleanOptionalAction, default=None, help="one job per layer")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config key for every job (repeatable)")
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
+    p.add_argument("--executor", default="local", help="local or processes")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for --executor processes")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun jobs that failed before")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

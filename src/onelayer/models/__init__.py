@@ -86,3 +86,23 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.f
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model.to(device), tok
+
+
+def model_num_layers(name_or_path: str) -> int:
+    """Decoder block count from the config alone (no weights), for planning sweeps."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if name in TINY_SHAPES:
+        return TINY_SHAPES[name]["num_hidden_layers"]
+    _quiet_transformers()
+    try:
+        cfg = AutoConfig.from_pretrained(name, local_files_only=not _hub_reachable())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of model {name!r} ({str(exc).splitlines()[0][:200]})") from None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise ModelError(f"model {name!r}: its config has no layer count (num_hidden_layers / n_layer)")
+

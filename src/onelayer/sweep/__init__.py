@@ -1,0 +1,65 @@
+"""Layer-contribution sweeps: plan jobs, run them on an executor, write results and contributions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from onelayer.io import atomic_write_json
+from onelayer.sweep.plan import Job, SweepSpec, make_spec, plan
+from onelayer.sweep.store import job_dir, job_status, write_results
+
+EXECUTORS = ("local", "processes")
+
+
+def prepare(jobs: list[Job], log=print) -> None:
+    """Build any warm-start checkpoints once, before workers fan out."""
+    from onelayer import tasks
+    from onelayer.models import BUILTIN_MODELS
+    from onelayer.train.warmstart import warm_started
+
+    seen = set()
+    for job in jobs:
+        cfg = job.config
+        key = (cfg.model, cfg.task, repr(sorted(cfg.task_opts.items())))
+        if cfg.model in BUILTIN_MODELS and cfg.warm_start and key not in seen:
+            seen.add(key)
+            task = tasks.make(cfg.task, **cfg.task_opts)
+            warm_started(cfg.model, task, max_new_tokens=cfg.max_completion_length or getattr(task, "max_completion_length", 64), log=log)
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", workers: int = 1,
+              retry_failed: bool = False, log=print, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from onelayer.sweep.executors import run_local, run_processes
+
+    out = Path(out)
+    jobs = plan(spec)
+    atomic_write_json(out / "plan.json", {"spec": spec.__dict__, "jobs": [{"id": j.id, "condition": j.condition,
+                                          "layers": j.layers, "seed": j.seed} for j in jobs]})
+    statuses = {j.id: job_status(job_dir(out, j.id)) for j in jobs}
+    todo = [j for j in jobs if statuses[j.id] != "done" and (retry_failed or statuses[j.id] != "failed")]
+    skipped_failed = [j.id for j in jobs if statuses[j.id] == "failed" and not retry_failed]
+    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo) - len(skipped_failed)} already done, {len(todo)} to run"
+        + (f", {len(skipped_failed)} failed (rerun with --retry-failed)" if skipped_failed else ""))
+    prepare(todo, log=log)
+    start = time.monotonic()
+    bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=not progress, dynamic_ncols=True)
+
+    def on_done(job_id: str, status: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{job_id}: {status}")
+        write_results(out, jobs)  # keep results.csv current, so a killed sweep still leaves a table
+
+    if executor == "local":
+        run_local(todo, str(out), on_done)
+    elif executor == "processes":
+        run_processes(todo, str(out), on_done, workers)
+    bar.close()
+    rows = write_results(out, jobs)
+    log(f"sweep: finished in {time.monotonic() - start:.0f}s; results in {out / 'results.csv'}")
+    return rows
+
+
+__all__ = ["EXECUTORS", "Job", "SweepSpec", "make_spec", "plan", "run_sweep"]

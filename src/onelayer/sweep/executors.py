@@ -1,0 +1,64 @@
+"""Executors: run a list of jobs locally in sequence or in N worker processes.
+
+Every executor calls the same `execute_job`, which runs `onelayer.train.run` into the job's directory
+and records a failure (error.txt, status failed) instead of stopping the sweep. Because `train.run`
+resumes from its checkpoint and skips finished runs, rerunning a sweep never repeats finished work.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+
+from onelayer.io import atomic_write_text
+from onelayer.sweep.store import job_dir, job_status
+
+
+def execute_job(job, out: str, threads: int | None = None) -> tuple[str, str]:
+    """Run one job; returns (job id, final status). Never raises for a failing job."""
+    import dataclasses
+
+    from onelayer.train import run
+
+    path = job_dir(Path(out), job.id)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(job.config, progress=False, threads=threads or job.config.threads)
+    try:
+        run(cfg, path, log=lambda msg: None)
+        (path / "error.txt").unlink(missing_ok=True)
+        return job.id, "done"
+    except Exception as exc:  # recorded per job: one bad job must not sink the sweep
+        atomic_write_text(path / "error.txt", traceback.format_exc() + f"\n{type(exc).__name__}: {exc}\n")
+        from onelayer.io import atomic_write_json
+
+        atomic_write_json(path / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        return job.id, "failed"
+
+
+def run_local(jobs, out: str, on_done) -> None:
+    for job in jobs:
+        on_done(*execute_job(job, out))
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_processes(jobs, out: str, on_done, workers: int) -> None:
+    """N spawn-started worker processes; CPU threads are split so workers do not oversubscribe cores."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(execute_job, job, out, threads): job for job in jobs}
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            try:
+                on_done(*fut.result())
+            except cf.process.BrokenProcessPool as exc:  # a worker died (e.g. killed): record, move on
+                atomic_write_text(job_dir(Path(out), job.id) / "error.txt", f"worker process died: {exc}\n")
+                on_done(job.id, job_status(job_dir(Path(out), job.id)))

@@ -1,0 +1,71 @@
+"""The results store: one directory per job under OUT/jobs/, plus results.csv / results.parquet.
+
+A job directory is exactly a `onelayer train --out` directory (config.json, status.json,
+metrics.jsonl, eval.json, checkpoint/, model/), with error.txt added when the job failed. A job is
+done only when its eval.json is on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from onelayer.io import atomic_write_text, read_json
+
+RESULT_COLUMNS = ["job_id", "condition", "model", "task", "algo", "seed", "layers", "layer_indices", "num_layers",
+                  "status", "score", "ci_low", "ci_high", "base_score", "gain", "gain_ci_low", "gain_ci_high",
+                  "n", "trainable_params", "train_seconds", "frozen_unchanged", "error"]
+
+
+def job_dir(out: Path, job_id: str) -> Path:
+    return Path(out) / "jobs" / job_id
+
+
+def job_status(path: Path) -> str:
+    if (path / "eval.json").is_file() and (path / "status.json").is_file() and read_json(path / "status.json")["status"] == "done":
+        return "done"
+    if (path / "status.json").is_file():
+        return read_json(path / "status.json")["status"]
+    return "pending"
+
+
+def result_row(out: Path, job) -> dict:
+    path = job_dir(out, job.id)
+    row = {"job_id": job.id, "condition": job.condition, "model": job.config.model, "task": job.config.task,
+           "algo": job.config.algo, "seed": job.seed, "layers": job.layers, "status": job_status(path)}
+    if row["status"] == "done":
+        ev = read_json(path / "eval.json")
+        row.update(score=ev["score"], ci_low=ev["ci95"][0], ci_high=ev["ci95"][1], base_score=ev["base_score"],
+                   gain=ev["gain"], gain_ci_low=ev["gain_ci95"][0], gain_ci_high=ev["gain_ci95"][1], n=ev["n"],
+                   trainable_params=ev["trainable_params"], train_seconds=ev["train_seconds"],
+                   frozen_unchanged=ev["frozen_unchanged"], num_layers=ev["num_layers"],
+                   layer_indices=" ".join(map(str, ev["layer_indices"])))
+    elif (path / "error.txt").is_file():
+        row["error"] = (path / "error.txt").read_text().strip().splitlines()[-1][:300]
+    return row
+
+
+def write_results(out: Path, jobs) -> list[dict]:
+    """results.csv (atomic) and, where pyarrow is installed, results.parquet."""
+    rows = [result_row(out, j) for j in jobs]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(out) / "results.csv", buf.getvalue())
+    write_parquet(Path(out) / "results.parquet", rows, RESULT_COLUMNS)
+    return rows
+
+
+def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> bool:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return True
