@@ -109,8 +109,7 @@ class _Runs:
         if not self.base:
             raise ValueError("no base scores (a layers='none' run or base_item_scores) among the records")
         if self.num_layers is None:
-            known = [l for l in self.layers]
-            self.num_layers = max(known) + 1 if known else 1
+            self.num_layers = max(self.layers) + 1 if self.layers else 1
         self.n_items = len(self.ids)
         if self.n_items == 0:
             raise ValueError("eval records have no items (item_ids is empty)")

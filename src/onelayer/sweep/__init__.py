@@ -58,6 +58,15 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
         run_processes(todo, str(out), on_done, workers)
     bar.close()
     rows = write_results(out, jobs)
+    from onelayer.analysis.summary import summarize
+
+    for condition, info in summarize(out).items():
+        if "full_gain" in info:
+            g, c = info["full_gain"], info["concentration"]
+            log(f"{condition}: full-RL gain {g['gain']:+.1%} [{g['ci_low']:+.1%}, {g['ci_high']:+.1%}]"
+                + (" (NOISE: CI includes 0)" if g["noise"] else "")
+                + (f"; best layer {c['best_layer']} recovers {c['best_recovery']:.0%}; "
+                   f"{c['n_layers_ge_0_8']} layers with C >= 0.8; top-3 share {c['top3_share']:.0%}" if c else ""))
     log(f"sweep: finished in {time.monotonic() - start:.0f}s; results in {out / 'results.csv'}")
     return rows
 

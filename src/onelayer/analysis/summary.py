@@ -1,0 +1,44 @@
+"""From a sweep directory to contributions.csv and summary.json (reads only the results store)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from onelayer.analysis.contribution import concentration, full_gain_summary, group_by_condition, layer_contributions
+from onelayer.io import atomic_write_json, atomic_write_text
+
+CONTRIBUTION_COLUMNS = ["condition", "layer", "relative_depth", "contribution", "ci_low", "ci_high",
+                        "score", "gain", "base_score", "full_score", "n_items", "n_seeds"]
+
+
+def load_records(out: str | Path) -> list[dict]:
+    """The eval.json of every finished job under OUT/jobs."""
+    records = []
+    for path in sorted(Path(out).glob("jobs/*/eval.json")):
+        rec = json.loads(path.read_text())
+        rec["job_id"] = path.parent.name
+        records.append(rec)
+    return records
+
+
+def summarize(out: str | Path) -> dict:
+    """Write OUT/contributions.csv and OUT/summary.json; returns the summary per condition."""
+    out = Path(out)
+    rows, summary = [], {}
+    for condition, runs in group_by_condition(load_records(out)).items():
+        if not any(r["layers"] == "all" for r in runs):
+            summary[condition] = {"error": "no finished full-parameter run yet"}
+            continue
+        layer_rows = layer_contributions(runs)
+        rows += [{"condition": condition, **r} for r in layer_rows]
+        summary[condition] = {"full_gain": full_gain_summary(runs), "concentration": concentration(layer_rows) if layer_rows else {}}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CONTRIBUTION_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "contributions.csv", buf.getvalue())
+    atomic_write_json(out / "summary.json", summary)
+    return summary
