@@ -25,7 +25,7 @@ def execute_job(job, out: str, threads: int | None = None) -> tuple[str, str]:
 
     path = job_dir(Path(out), job.id)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(job.config, progress=False, threads=threads or job.config.threads)
+    cfg = dataclasses.replace(job.config, progress=False, threads=job.config.threads or threads)
     try:
         run(cfg, path, log=lambda msg: None)
         (path / "error.txt").unlink(missing_ok=True)

@@ -1,0 +1,103 @@
+"""Sweeps: deterministic plans, the results store, resume after SIGKILL, and executor agreement."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from onelayer import tasks
+from onelayer.cli import main
+from onelayer.config import ConfigError
+from onelayer.models.layers import LayerSpecError
+from onelayer.sweep import make_spec, plan
+from onelayer.train.warmstart import warm_started
+
+SMALL = ["--task-opt", "n_eval=200", "--set", "save_model=false"]
+
+
+@pytest.fixture(scope="module")
+def warm(onelayer_cache):
+    return warm_started("tiny-qwen3", tasks.make("arith", n_eval=200), max_new_tokens=8)
+
+
+def test_default_plan_is_base_full_and_every_layer_with_stable_ids():
+    jobs = plan(make_spec({}))
+    assert [j.layers for j in jobs] == ["none", "all"] + [str(i) for i in range(8)]
+    assert [j.id for j in jobs] == [j.id for j in plan(make_spec({}))]
+    assert len({j.id for j in jobs}) == 10 and all(j.condition == "tiny-qwen3/arith/grpo" for j in jobs)
+    other = plan(make_spec({"train": {"learning_rate": 3e-4}}))
+    assert not {j.id for j in jobs} & {j.id for j in other}  # a different config never reuses a job
+
+
+def test_plan_crosses_axes_and_validates():
+    jobs = plan(make_spec({"algos": ["grpo", "dr_grpo"], "seeds": [0, 1], "single_layers": False, "layer_sets": ["middle:2"]}))
+    assert len(jobs) == 2 * 2 * 3
+    with pytest.raises(LayerSpecError, match="8 layers"):
+        plan(make_spec({"layer_sets": ["12"]}))
+    with pytest.raises(ConfigError, match="unknown sweep key 'model'"):
+        make_spec({"model": "x"})
+    with pytest.raises(ConfigError, match="unknown config key 'lr'"):
+        plan(make_spec({"train": {"lr": 1}}))
+
+
+def read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def sweep_args(out, *extra):
+    return ["sweep", "--out", str(out), "--no-single-layers", "--layer-set", "3", *SMALL, *extra]
+
+
+@pytest.mark.slow
+def test_sweep_writes_store_and_rerun_skips_done_jobs(warm, tmp_path):
+    out = tmp_path / "sw"
+    assert main(sweep_args(out, "--set", "max_steps=4")) == 0
+    rows = read_csv(out / "results.csv")
+    assert [r["layers"] for r in rows] == ["none", "all", "3"] and all(r["status"] == "done" for r in rows)
+    assert (out / "results.parquet").is_file()
+    contrib = read_csv(out / "contributions.csv")
+    assert [c["layer"] for c in contrib] == ["3"]
+    for col in ("condition", "layer", "relative_depth", "contribution", "ci_low", "ci_high"):
+        assert col in contrib[0]
+    assert float(contrib[0]["relative_depth"]) == pytest.approx(3 / 7)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")}
+    assert main(sweep_args(out, "--set", "max_steps=4")) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")} == mtimes
+
+
+@pytest.mark.slow
+def test_processes_executor_matches_local(warm, tmp_path):
+    common = ["--set", "max_steps=3", "--set", "threads=1"]
+    assert main(sweep_args(tmp_path / "a", *common)) == 0
+    assert main(sweep_args(tmp_path / "b", *common, "--executor", "processes", "--workers", "2")) == 0
+    a, b = read_csv(tmp_path / "a" / "results.csv"), read_csv(tmp_path / "b" / "results.csv")
+    assert [(r["job_id"], r["score"]) for r in a] == [(r["job_id"], r["score"]) for r in b]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_jobs(warm, tmp_path):
+    out = tmp_path / "kill"
+    args = [sys.executable, "-m", "onelayer.cli", *sweep_args(out, "--layer-set", "5", "--set", "max_steps=12",
+                                                               "--set", "save_every=3")]
+    proc = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random().uniform(4.0, 12.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")}
+    res = subprocess.run(args, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # finished jobs were not run again
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    for path in out.rglob("*.json"):
+        json.loads(path.read_text())  # no torn file anywhere
+    for path in out.glob("jobs/*/metrics.jsonl"):
+        steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+        assert steps == list(range(1, len(steps) + 1))
