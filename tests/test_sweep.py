@@ -61,7 +61,8 @@ def test_sweep_writes_store_and_rerun_skips_done_jobs(warm, tmp_path):
     assert main(sweep_args(out, "--set", "max_steps=4")) == 0
     rows = read_csv(out / "results.csv")
     assert [r["layers"] for r in rows] == ["none", "all", "3"] and all(r["status"] == "done" for r in rows)
-    assert (out / "results.parquet").is_file()
+    assert (out / "results.parquet").is_file() and (out / "report.html").is_file()
+    assert len(list((out / "plots").glob("*.png"))) == 4
     contrib = read_csv(out / "contributions.csv")
     assert [c["layer"] for c in contrib] == ["3"]
     for col in ("condition", "layer", "relative_depth", "contribution", "ci_low", "ci_high"):

@@ -90,6 +90,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from onelayer.analysis.report import build_report
+    from onelayer.analysis.summary import summarize
+
+    if not (Path(args.dir) / "jobs").is_dir():
+        raise ConfigError(f"{args.dir!r} is not a sweep directory (no jobs/ inside); pass the --out of a sweep")
+    summarize(args.dir)
+    print(f"report: {build_report(args.dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes for --executor processes")
     p.add_argument("--retry-failed", action="store_true", help="also rerun jobs that failed before")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
+    p.add_argument("dir", help="sweep directory")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

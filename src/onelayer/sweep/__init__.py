@@ -67,6 +67,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
                 + (" (NOISE: CI includes 0)" if g["noise"] else "")
                 + (f"; best layer {c['best_layer']} recovers {c['best_recovery']:.0%}; "
                    f"{c['n_layers_ge_0_8']} layers with C >= 0.8; top-3 share {c['top3_share']:.0%}" if c else ""))
+    from onelayer.analysis.report import build_report
+
+    log(f"report: {build_report(out)}")
     log(f"sweep: finished in {time.monotonic() - start:.0f}s; results in {out / 'results.csv'}")
     return rows
 
