@@ -85,13 +85,14 @@ def test_processes_executor_matches_local(warm, tmp_path):
 @pytest.mark.slow
 def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_jobs(warm, tmp_path):
     out = tmp_path / "kill"
-    args = [sys.executable, "-m", "onelayer.cli", *sweep_args(out, "--layer-set", "5", "--set", "max_steps=12",
+    args = [sys.executable, "-m", "onelayer.cli", *sweep_args(out, "--layer-set", "5", "--set", "max_steps=40",
                                                                "--set", "save_every=3")]
     proc = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(random.Random().uniform(4.0, 12.0))
+    time.sleep(random.Random().uniform(3.0, 15.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")}
+    assert len(done_before) < 4, "the sweep finished before it was killed"
     res = subprocess.run(args, env=os.environ.copy(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # finished jobs were not run again

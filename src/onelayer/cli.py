@@ -84,7 +84,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {args.executor!r}; available: {', '.join(EXECUTORS)}")
     spec = make_spec(values)
-    rows = run_sweep(spec, args.out, executor=args.executor, workers=args.workers, retry_failed=args.retry_failed)
+    rows = run_sweep(spec, args.out, executor=args.executor, workers=args.workers, retry_failed=args.retry_failed,
+                     address=args.address, num_cpus=args.num_cpus_per_job, num_gpus=args.num_gpus_per_job,
+                     max_retries=args.max_retries)
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f"; not done: {', '.join(r['job_id'] for r in failed)}" if failed else ""))
     return 0 if not failed else 1
@@ -100,6 +102,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.dir!r} is not a sweep directory (no jobs/ inside); pass the --out of a sweep")
     summarize(args.dir)
     print(f"report: {build_report(args.dir)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from onelayer.analysis.compare import compare, format_comparison
+    from onelayer.io import atomic_write_json
+
+    result = compare(args.dirs, n_perm=args.n_perm)
+    print(format_comparison(result))
+    if args.json:
+        atomic_write_json(args.json, result)
     return 0
 
 
@@ -126,13 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-layers", action=argparse.BooleanOptionalAction, default=None, help="one job per layer")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config key for every job (repeatable)")
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
-    p.add_argument("--executor", default="local", help="local or processes")
+    p.add_argument("--executor", default="local", help="local, processes or ray")
     p.add_argument("--workers", type=int, default=1, help="worker processes for --executor processes")
+    p.add_argument("--address", help="--executor ray: cluster address ('auto' or HOST:PORT; default: start a local Ray)")
+    p.add_argument("--num-cpus-per-job", type=float, default=1, help="--executor ray: CPUs each job declares (default 1)")
+    p.add_argument("--num-gpus-per-job", type=float, default=0, help="--executor ray: GPUs each job declares (default 0)")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="--executor ray: retries of a job whose worker crashed or that failed (default 2)")
     p.add_argument("--retry-failed", action="store_true", help="also rerun jobs that failed before")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("compare", help="Spearman/Kendall rank correlation of contribution profiles (permutation p-values)")
+    p.add_argument("dirs", nargs="+", help="sweep directories (one: compare its conditions; several: across sweeps)")
+    p.add_argument("--n-perm", type=int, default=2000, help="permutations for the p-values")
+    p.add_argument("--json", help="also write the full result (matrices, nulls) to this JSON file")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -142,7 +165,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from onelayer.tasks import TaskError
     from onelayer.train.warmstart import WarmStartError
 
-    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError
+    from onelayer.analysis.compare import CompareError
+
+    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError, CompareError
 
 
 def main(argv: list[str] | None = None) -> int:
