@@ -9,7 +9,7 @@ from onelayer.io import atomic_write_json
 from onelayer.sweep.plan import Job, SweepSpec, make_spec, plan
 from onelayer.sweep.store import job_dir, job_status, write_results
 
-EXECUTORS = ("local", "processes")
+EXECUTORS = ("local", "processes", "ray")
 
 
 def prepare(jobs: list[Job], log=print) -> None:
@@ -29,7 +29,8 @@ def prepare(jobs: list[Job], log=print) -> None:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", workers: int = 1,
-              retry_failed: bool = False, log=print, progress: bool = True) -> list[dict]:
+              retry_failed: bool = False, log=print, progress: bool = True, address: str | None = None,
+              num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2) -> list[dict]:
     from tqdm.auto import tqdm
 
     from onelayer.sweep.executors import run_local, run_processes
@@ -56,6 +57,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
         run_local(todo, str(out), on_done)
     elif executor == "processes":
         run_processes(todo, str(out), on_done, workers)
+    elif executor == "ray":
+        from onelayer.sweep.ray_executor import run_ray
+
+        run_ray(todo, str(out), on_done, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
+                max_retries=max_retries, log=log)
     bar.close()
     rows = write_results(out, jobs)
     from onelayer.analysis.summary import summarize

@@ -28,7 +28,7 @@ from onelayer.io import atomic_write_json, replace_dir
 from onelayer.models import build_tiny
 from onelayer.train.evaluate import encode_prompts, greedy_scores
 
-WARM_VERSION = 1
+WARM_VERSION = 2
 
 
 class WarmStartError(RuntimeError):
@@ -43,7 +43,7 @@ class WarmStartSettings:
     batch_size: int = 64
     check_every: int = 25
     n_heldout: int = 200
-    max_seconds: float = 300.0
+    max_steps: int = 3000  # a step budget, not a time limit, so the result never depends on machine load
     seed: int = 0
 
 
@@ -149,12 +149,12 @@ def _fine_tune(model_name: str, task, s: WarmStartSettings, *, max_new_tokens: i
                 model.load_state_dict(prev[1])
             break
         prev = (acc, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        if elapsed > s.max_seconds:
+        if step >= s.max_steps:
             if acc >= lo:
                 break
             raise WarmStartError(
-                f"warm start of {model_name} on {task.name} reached only {acc:.1%} held-out accuracy in "
-                f"{elapsed:.0f}s (band {lo:.0%}-{hi:.0%}); try an easier task option (e.g. --task-opt difficulty=1)"
+                f"warm start of {model_name} on {task.name} reached only {acc:.1%} held-out accuracy after "
+                f"{step} steps (band {lo:.0%}-{hi:.0%}); try an easier task option (e.g. --task-opt difficulty=1)"
             )
     if not lo <= acc <= hi:
         raise WarmStartError(f"warm start ended at {acc:.1%} held-out accuracy, outside the band {lo:.0%}-{hi:.0%}")
