@@ -73,11 +73,32 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
                 + (" (NOISE: CI includes 0)" if g["noise"] else "")
                 + (f"; best layer {c['best_layer']} recovers {c['best_recovery']:.0%}; "
                    f"{c['n_layers_ge_0_8']} layers with C >= 0.8; top-3 share {c['top3_share']:.0%}" if c else ""))
+    log(summary_table(rows, out))
     from onelayer.analysis.report import build_report
 
     log(f"report: {build_report(out)}")
     log(f"sweep: finished in {time.monotonic() - start:.0f}s; results in {out / 'results.csv'}")
     return rows
+
+
+def summary_table(rows: list[dict], out: Path) -> str:
+    """A plain-text table of every job: score, gain with CI, and layer contribution where there is one."""
+    import csv
+
+    contrib = {}
+    if (out / "contributions.csv").is_file():
+        with open(out / "contributions.csv") as fh:
+            contrib = {(r["condition"], r["layer"]): r for r in csv.DictReader(fh)}
+    lines = [f"{'condition':<28} {'seed':>4} {'layers':<10} {'status':<8} {'score':>6} {'gain [95% CI]':<24} {'C [95% CI]':<22}"]
+    for r in rows:
+        if r["status"] != "done":
+            lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8}")
+            continue
+        gain = f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
+        c = contrib.get((r["condition"], r["layers"]))
+        cstr = f"{float(c['contribution']):.2f} [{float(c['ci_low']):.2f}, {float(c['ci_high']):.2f}]" if c else ""
+        lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8} {r['score']:>6.3f} {gain:<24} {cstr:<22}")
+    return "\n".join(lines)
 
 
 __all__ = ["EXECUTORS", "Job", "SweepSpec", "make_spec", "plan", "run_sweep"]
