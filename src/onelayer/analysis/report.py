@@ -20,8 +20,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -32,29 +30,13 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from onelayer.io import atomic_write_bytes  # noqa: E402
+
 PLOTS = ("contribution_vs_depth", "learning_curves", "heatmap", "rank_correlation")
 _SMOOTH = 5  # moving-average window (steps) for learning curves
 
 
 # ---------------------------------------------------------------- I/O helpers
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -161,7 +143,7 @@ def _save(fig, path: Path) -> bytes:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     data = buf.getvalue()
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return data
 
 
@@ -476,5 +458,5 @@ def build_report(out) -> Path:
     h.append(_table(results) if results else '<p class="missing">results.csv is missing or empty.</p>')
     h.append("</body></html>\n")
     path = out / "report.html"
-    _atomic_write(path, "\n".join(h).encode("utf-8"))
+    atomic_write_bytes(path, "\n".join(h).encode("utf-8"))
     return path
