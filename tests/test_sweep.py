@@ -103,3 +103,20 @@ def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_job
     for path in out.glob("jobs/*/metrics.jsonl"):
         steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
         assert steps == list(range(1, len(steps) + 1))
+
+
+@pytest.mark.slow
+def test_failed_job_is_resumed_and_retry_failed_restarts_it(warm, tmp_path):
+    out = tmp_path / "fail"
+    assert main(sweep_args(out, "--set", "max_steps=4")) == 0
+    job = next(p for p in out.glob("jobs/*") if json.loads((p / "eval.json").read_text())["layers"] == "3")
+    others = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json") if p.parent != job}
+    (job / "eval.json").unlink()
+    (job / "status.json").write_text(json.dumps({"status": "failed", "error": "simulated"}))
+    assert read_csv(out / "results.csv")[2]["status"] == "done"  # table written before the simulated failure
+    assert main(sweep_args(out, "--set", "max_steps=4")) == 0  # resumed from its checkpoint at step 4
+    assert (job / "eval.json").is_file() and len((job / "metrics.jsonl").read_text().splitlines()) == 4
+    (job / "status.json").write_text(json.dumps({"status": "failed", "error": "simulated"}))
+    assert main(sweep_args(out, "--set", "max_steps=4", "--retry-failed")) == 0
+    assert json.loads((job / "status.json").read_text())["status"] == "done"
+    assert {p: p.stat().st_mtime_ns for p in others} == others

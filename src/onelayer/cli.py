@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-job", type=float, default=0, help="--executor ray: GPUs each job declares (default 0)")
     p.add_argument("--max-retries", type=int, default=2,
                    help="--executor ray: retries of a job whose worker crashed or that failed (default 2)")
-    p.add_argument("--retry-failed", action="store_true", help="also rerun jobs that failed before")
+    p.add_argument("--retry-failed", action="store_true", help="restart jobs that failed before from scratch (default: resume them from their checkpoint)")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")

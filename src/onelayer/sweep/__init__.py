@@ -7,7 +7,7 @@ from pathlib import Path
 
 from onelayer.io import atomic_write_json
 from onelayer.sweep.plan import Job, SweepSpec, make_spec, plan
-from onelayer.sweep.store import job_dir, job_status, write_results
+from onelayer.sweep.store import job_dir, job_status, reset_job, write_results
 
 EXECUTORS = ("local", "processes", "ray")
 
@@ -40,10 +40,14 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
     atomic_write_json(out / "plan.json", {"spec": spec.__dict__, "jobs": [{"id": j.id, "condition": j.condition,
                                           "layers": j.layers, "seed": j.seed} for j in jobs]})
     statuses = {j.id: job_status(job_dir(out, j.id)) for j in jobs}
-    todo = [j for j in jobs if statuses[j.id] != "done" and (retry_failed or statuses[j.id] != "failed")]
-    skipped_failed = [j.id for j in jobs if statuses[j.id] == "failed" and not retry_failed]
-    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo) - len(skipped_failed)} already done, {len(todo)} to run"
-        + (f", {len(skipped_failed)} failed (rerun with --retry-failed)" if skipped_failed else ""))
+    # Unfinished and failed jobs resume from their last checkpoint; --retry-failed restarts failed ones afresh.
+    todo = [j for j in jobs if statuses[j.id] != "done"]
+    failed = [j for j in todo if statuses[j.id] == "failed"]
+    if retry_failed:
+        for job in failed:
+            reset_job(job_dir(out, job.id))
+    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run"
+        + (f" ({len(failed)} failed before: {'restarted from scratch' if retry_failed else 'resumed from their checkpoint'})" if failed else ""))
     prepare(todo, log=log)
     start = time.monotonic()
     bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=not progress, dynamic_ncols=True)

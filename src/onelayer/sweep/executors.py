@@ -17,7 +17,7 @@ from onelayer.io import atomic_write_text
 from onelayer.sweep.store import job_dir, job_status
 
 
-def execute_job(job, out: str, threads: int | None = None) -> tuple[str, str]:
+def execute_job(job, out: str, threads: int | None = None, show_steps: bool = False) -> tuple[str, str]:
     """Run one job; returns (job id, final status). Never raises for a failing job."""
     import dataclasses
 
@@ -25,7 +25,7 @@ def execute_job(job, out: str, threads: int | None = None) -> tuple[str, str]:
 
     path = job_dir(Path(out), job.id)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(job.config, progress=False, threads=job.config.threads or threads)
+    cfg = dataclasses.replace(job.config, progress=show_steps, threads=job.config.threads or threads)
     try:
         run(cfg, path, log=lambda msg: None)
         (path / "error.txt").unlink(missing_ok=True)
@@ -40,7 +40,7 @@ def execute_job(job, out: str, threads: int | None = None) -> tuple[str, str]:
 
 def run_local(jobs, out: str, on_done) -> None:
     for job in jobs:
-        on_done(*execute_job(job, out))
+        on_done(*execute_job(job, out, show_steps=True))  # the job's step bar sits under the sweep bar
 
 
 def _init_worker(threads: int) -> None:

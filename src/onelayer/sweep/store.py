@@ -30,6 +30,16 @@ def job_status(path: Path) -> str:
     return "pending"
 
 
+def reset_job(path: Path) -> None:
+    """Forget a job's progress (checkpoint, metrics, status, error) so it starts from scratch."""
+    import shutil
+
+    for name in ("checkpoint", "model"):
+        shutil.rmtree(path / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "status.json", "error.txt", "base_eval.json", "eval.json", "attempts.json"):
+        (path / name).unlink(missing_ok=True)
+
+
 def result_row(out: Path, job) -> dict:
     path = job_dir(out, job.id)
     row = {"job_id": job.id, "condition": job.condition, "model": job.config.model, "task": job.config.task,
