@@ -16,6 +16,7 @@ def prepare(jobs: list[Job], log=print) -> None:
     """Build any warm-start checkpoints once, before workers fan out."""
     from onelayer import tasks
     from onelayer.models import BUILTIN_MODELS
+    from onelayer.train.setup import completion_budget
     from onelayer.train.warmstart import warm_started
 
     seen = set()
@@ -25,7 +26,7 @@ def prepare(jobs: list[Job], log=print) -> None:
         if cfg.model in BUILTIN_MODELS and cfg.warm_start and key not in seen:
             seen.add(key)
             task = tasks.make(cfg.task, **cfg.task_opts)
-            warm_started(cfg.model, task, max_new_tokens=cfg.max_completion_length or getattr(task, "max_completion_length", 64), log=log)
+            warm_started(cfg.model, task, max_new_tokens=completion_budget(cfg, task), log=log)
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", workers: int = 1,

@@ -8,19 +8,18 @@ resumes from its checkpoint and skips finished runs, rerunning a sweep never rep
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import multiprocessing
 import os
 import traceback
 from pathlib import Path
 
-from onelayer.io import atomic_write_text
+from onelayer.io import atomic_write_json, atomic_write_text
 from onelayer.sweep.store import job_dir, job_status
 
 
 def execute_job(job, out: str, threads: int | None = None, show_steps: bool = False) -> tuple[str, str]:
     """Run one job; returns (job id, final status). Never raises for a failing job."""
-    import dataclasses
-
     from onelayer.train import run
 
     path = job_dir(Path(out), job.id)
@@ -32,8 +31,6 @@ def execute_job(job, out: str, threads: int | None = None, show_steps: bool = Fa
         return job.id, "done"
     except Exception as exc:  # recorded per job: one bad job must not sink the sweep
         atomic_write_text(path / "error.txt", traceback.format_exc() + f"\n{type(exc).__name__}: {exc}\n")
-        from onelayer.io import atomic_write_json
-
         atomic_write_json(path / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return job.id, "failed"
 

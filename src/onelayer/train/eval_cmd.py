@@ -9,13 +9,13 @@ from onelayer.config import TrainConfig
 from onelayer.io import atomic_write_json
 from onelayer.stats import bootstrap_ci
 from onelayer.train.evaluate import greedy_scores
-from onelayer.train.setup import load_model, resolve_device, setup_torch
+from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
 
 
 def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, log=print) -> dict:
     setup_torch(cfg)
     task = tasks.make(cfg.task, **cfg.task_opts)
-    max_new = cfg.max_completion_length or getattr(task, "max_completion_length", 64)
+    max_new = completion_budget(cfg, task)
     model, tok, source = load_model(cfg, task, max_new, resolve_device(cfg.device), log)
     items = task.items("eval")
     scores = greedy_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)

@@ -28,7 +28,7 @@ from onelayer.rollout import sample, sequence_logprobs
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.train.evaluate import decode_completions, encode_prompts, greedy_scores
-from onelayer.train.setup import load_model, resolve_device, setup_torch
+from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
 
 # Settings that may differ when a killed run is resumed (they do not change the result).
 RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device"}
@@ -53,7 +53,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     preset = get_preset(cfg.algo)
     scale = cfg.scale_rewards or preset.scale
     loss_agg = cfg.loss_type or preset.loss_agg
-    max_new = cfg.max_completion_length or getattr(task, "max_completion_length", 64)
+    max_new = completion_budget(cfg, task)
     model, tok, source = load_model(cfg, task, max_new, device, log)
 
     # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.

@@ -11,6 +11,11 @@ from onelayer.models import BUILTIN_MODELS, load_policy
 from onelayer.train.warmstart import warm_started
 
 
+def completion_budget(cfg: TrainConfig, task) -> int:
+    """Max new tokens per completion: the config's value, else the task's suggestion, else 64."""
+    return cfg.max_completion_length or getattr(task, "max_completion_length", 64)
+
+
 def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
     """The policy to train: a built-in model is warm-started for the task (cached) unless disabled."""
     source = cfg.model
