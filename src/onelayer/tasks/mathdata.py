@@ -416,20 +416,6 @@ class MATHTask(MathDataTask):
     default_template = "{problem}\nAnswer:"
     gold_is_latex = True
 
-    def __init__(
-        self,
-        path: str | None = None,
-        train_path: str | None = None,
-        eval_path: str | None = None,
-        eval_fraction: float = 0.1,
-        n_train: int | None = None,
-        n_eval: int | None = None,
-        prompt_template: str = "{problem}\nAnswer:",
-        seed: int = 0,
-        subset: str | None = None,
-    ):
-        super().__init__(path, train_path, eval_path, eval_fraction, n_train, n_eval, prompt_template, seed, subset)
-
     def _final_answer(self, row: dict, where: str) -> str:
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, bool) and str(answer).strip():
