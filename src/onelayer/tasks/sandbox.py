@@ -347,7 +347,7 @@ def _run_batch(jobs: list[_Job], lim: Limits, iso: Isolation, slot: int) -> tupl
         for fd in own:
             os.close(fd)
         if proc is not None:
-            _kill_tree(proc)
+            _stop(proc, graceful=bool(layers) or len(verdicts) == len(jobs))
         if uids:
             _kill_uids(uids)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -422,23 +422,34 @@ def _collect(report_fd: int, proc: subprocess.Popen, deadline: float, nonce: str
         sel.close()
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill the sandbox's process group and every descendant, then reap the launcher."""
-    for pid in runner._descendants(proc.pid) + [proc.pid]:
+def _stop(proc: subprocess.Popen, graceful: bool) -> None:
+    """Let a finished sandbox exit, or kill it: its launcher first (which takes down its pid
+    namespace, reaped by ``unshare``), then whatever else descends from it."""
+    if graceful:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+    if proc.poll() is None:
+        children = [pid for pid in runner._descendants(proc.pid)]
+        for pid in children[:1] + children[1:][::-1]:
+            _kill(pid)
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            _kill(proc.pid)
+            for pid in runner._descendants(proc.pid):
+                _kill(pid)
+            proc.wait(timeout=5)
     if proc.stderr:
         proc.stderr.close()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_uids(uids: list[int]) -> None:
@@ -453,10 +464,7 @@ def _kill_uids(uids: list[int]) -> None:
         except (OSError, StopIteration):
             continue
         if uid_line.split()[1] in wanted:
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _kill(int(entry))
 
 
 def _own_process_count() -> int:
