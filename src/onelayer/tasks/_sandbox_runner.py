@@ -257,8 +257,12 @@ def zygote(ctrl, programs, cfg, harness_pid):
     os.chmod(work, 0o711)
     _prctl(PR_SET_DUMPABLE, 0)
     run_dir = os.path.join(work, "run")
+    child = None
     while True:
         msg = recv_msg(ctrl)
+        if child is not None:  # the usual case: only the program process itself is left; reap it now
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
         _kill_leftovers(harness_pid, uid)
         _rmtree(run_dir)
         if msg is None:
@@ -269,7 +273,8 @@ def zygote(ctrl, programs, cfg, harness_pid):
         mine, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        if os.fork() == 0:
+        child = os.fork()
+        if child == 0:
             try:
                 os.setpgid(0, 0)
                 os.dup2(out_w, 1)
