@@ -55,8 +55,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from onelayer.train.eval_cmd import evaluate_model
 
-    cfg = _config_from_args(args, skip=("command", "func", "config", "task_opt", "out", "batch_size"))
-    evaluate_model(cfg, args.out, batch_size=args.batch_size)
+    cfg = _config_from_args(args, skip=("command", "func", "config", "task_opt", "out", "batch_size", "samples", "pass_k"))
+    if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples}: must be at least 1 (1 = greedy score only)")
+    try:
+        pass_k = tuple(int(k) for k in args.pass_k.split(",") if k.strip())
+    except ValueError:
+        raise ConfigError(f"--pass-k {args.pass_k!r}: write comma-separated integers, e.g. 1,10") from None
+    if not pass_k or min(pass_k) < 1:
+        raise ConfigError(f"--pass-k {args.pass_k!r}: every k must be a positive integer")
+    evaluate_model(cfg, args.out, batch_size=args.batch_size, samples=args.samples, pass_k=pass_k)
     return 0
 
 
@@ -126,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="greedy evaluation of a model on a task's held-out split")
     _add_config_flags(p)
     p.add_argument("--out", required=True, help="JSON file for score, ci95, n, task")
-    p.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per generation batch")
+    p.add_argument("--samples", type=int, default=1,
+                   help="also sample this many completions per item and report pass@k (unbiased estimator)")
+    p.add_argument("--pass-k", default="1,10,100", help="comma-separated k for pass@k (those <= --samples)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("sweep", help="base, full and per-layer RL runs, then layer contributions")
     p.add_argument("--config", help="YAML sweep spec (models, tasks, algos, seeds, layer_sets, single_layers, train)")

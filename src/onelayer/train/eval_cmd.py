@@ -1,4 +1,9 @@
-"""`onelayer eval`: score a model (built-in, local directory or hub name) on a task's eval split."""
+"""`onelayer eval`: score a model (built-in, local directory or hub name) on a task's eval split.
+
+The score is the mean greedy score. With ``samples=n`` > 1 it also samples n completions per item (at
+the config's temperature and top-p) and reports pass@k for every k in ``pass_k`` up to n, by the
+unbiased estimator (``onelayer.tasks.codedata.pass_at_k``); a sample passes when it scores 1.0.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ from onelayer import tasks
 from onelayer.config import TrainConfig
 from onelayer.io import atomic_write_json
 from onelayer.stats import bootstrap_ci
-from onelayer.train.evaluate import greedy_scores
+from onelayer.tasks.codedata import mean_pass_at_k
+from onelayer.train.evaluate import greedy_scores, sampled_pass_counts
 from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
 
 
-def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, log=print) -> dict:
+def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, samples: int = 1,
+                   pass_k: tuple[int, ...] = (1, 10, 100), log=print) -> dict:
     setup_torch(cfg)
     task = tasks.make(cfg.task, **cfg.task_opts)
     max_new = completion_budget(cfg, task)
@@ -23,6 +30,14 @@ def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, 
     record = {"score": score, "ci95": bootstrap_ci(scores), "n": len(scores), "task": cfg.task,
               "task_options": task.options, "model": cfg.model, "model_source": str(source),
               "item_ids": [it["id"] for it in items], "item_scores": scores}
-    atomic_write_json(out, record)
     log(f"score {score:.1%} 95% CI [{record['ci95'][0]:.1%}, {record['ci95'][1]:.1%}] on {len(scores)} items of {cfg.task}")
+    if samples > 1:
+        counts = sampled_pass_counts(model, tok, task, items, n=samples, max_new_tokens=max_new,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=batch_size)
+        ks = [k for k in pass_k if k <= samples]
+        record.update(samples=samples, temperature=cfg.temperature, top_p=cfg.top_p, item_pass_counts=counts,
+                      pass_at_k={str(k): mean_pass_at_k([(samples, c) for c in counts], k) for k in ks})
+        log("sampled " + ", ".join(f"pass@{k} {v:.1%}" for k, v in record["pass_at_k"].items())
+            + f" ({samples} samples per item, temperature {cfg.temperature:g})")
+    atomic_write_json(out, record)
     return record

@@ -1,4 +1,4 @@
-"""Greedy evaluation of a policy on a task's held-out items, returning per-item scores."""
+"""Evaluation of a policy on a task's held-out items: greedy per-item scores, and sampled pass counts."""
 
 from __future__ import annotations
 
@@ -36,3 +36,24 @@ def greedy_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, b
         completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
         scores.extend(float(s) for s in task.score_batch(chunk, completions))
     return scores
+
+
+@torch.no_grad()
+def sampled_pass_counts(model, tok, task, items: list[dict], *, n: int, max_new_tokens: int, temperature: float,
+                        top_p: float, seed: int, batch_size: int = 256) -> list[int]:
+    """For each item, how many of ``n`` sampled completions score 1.0 (the ``c`` of pass@k)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    per_batch = max(1, batch_size // n)
+    counts: list[int] = []
+    for i in range(0, len(items), per_batch):
+        chunk = items[i : i + per_batch]
+        batch = sample(
+            model, encode_prompts(tok, [it["prompt"] for it in chunk]), num_generations=n,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen,
+        )
+        completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
+        repeated = [it for it in chunk for _ in range(n)]  # sample() groups the n completions of a prompt
+        scores = task.score_batch(repeated, completions)
+        counts.extend(sum(1 for s in scores[j * n:(j + 1) * n] if s >= 1.0) for j in range(len(chunk)))
+    return counts
