@@ -77,7 +77,7 @@ from typing import Iterable, Sequence
 
 from . import sandbox
 from .base import Task, TaskError, check_split
-from .mathdata import _read_source
+from .mathdata import read_source
 
 REWARDS = ("all", "fraction")
 HUMANEVAL_STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -533,7 +533,7 @@ class CodeJSONLTask(CodeTask):
 
     # -- loading ------------------------------------------------------------------------------
     def _read(self, source: str, default_split: str) -> list[dict]:
-        tag, where, rows = _read_source(source, self.name, self.options["subset"], default_split)
+        tag, where, rows = read_source(source, self.name, self.options["subset"], default_split)
         if not rows:
             raise TaskError(f"{where}: no rows; each row is one problem in MBPP or HumanEval format")
         fmt = None

@@ -118,7 +118,7 @@ def _split_hub_name(source: str) -> tuple[str, str | None]:
     return name, (split or None) if sep else None
 
 
-def _read_source(source: str, task: str, subset: str | None, default_split: str) -> tuple[str, str, list[tuple[str, dict]]]:
+def read_source(source: str, task: str, subset: str | None, default_split: str) -> tuple[str, str, list[tuple[str, dict]]]:
     """(tag, where, rows) of a local file or hub dataset: the tag prefixes item ids, ``where``
     starts error messages ("gsm8k file data.jsonl")."""
     path = Path(source).expanduser()
@@ -296,19 +296,19 @@ class MathDataTask(Task):
             local = Path(source).expanduser().exists() or _looks_like_file(source)
             hub_name, hub_split = (None, None) if local else _split_hub_name(source)
             if hub_name is not None and hub_split is None:
-                train = self._items(*_read_source(f"{hub_name}:train", self.name, self._subset, "train"))
+                train = self._items(*read_source(f"{hub_name}:train", self.name, self._subset, "train"))
                 try:
-                    test = _read_source(f"{hub_name}:test", self.name, self._subset, "test")
+                    test = read_source(f"{hub_name}:test", self.name, self._subset, "test")
                 except TaskError:  # no test split: hold out part of train
                     splits = self._holdout(train)
                 else:
                     splits = {"train": train, "eval": self._items(*test)}
             else:
-                splits = self._holdout(self._items(*_read_source(source, self.name, self._subset, "train")))
+                splits = self._holdout(self._items(*read_source(source, self.name, self._subset, "train")))
         else:
             splits = {
-                "train": self._items(*_read_source(o["train_path"], self.name, self._subset, "train")),
-                "eval": self._items(*_read_source(o["eval_path"], self.name, self._subset, "test")),
+                "train": self._items(*read_source(o["train_path"], self.name, self._subset, "train")),
+                "eval": self._items(*read_source(o["eval_path"], self.name, self._subset, "test")),
             }
         for split, key in (("train", "n_train"), ("eval", "n_eval")):
             if o[key] is not None:
