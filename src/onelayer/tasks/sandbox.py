@@ -135,8 +135,14 @@ class Isolation:
         elif not self.private_fs:
             out.append("private /tmp and read-only root (programs can write wherever their uid may)")
         if not self.uid_drop:
-            out.append("a separate uid (programs run as the caller; RLIMIT_NPROC counts all the caller's processes)"
-                       if os.geteuid() != 0 else "a separate uid (programs run as root inside the sandbox)")
+            if os.geteuid() == 0:
+                out.append("a separate uid (programs run as root inside the sandbox)")
+            elif self.namespaces:
+                out.append("a separate uid (programs run as the caller, mapped to root in a user namespace, and can "
+                           "end the harness, which then reports an error, never a pass)")
+            else:
+                out.append("a separate uid (programs run as the caller and can signal every process the caller owns; "
+                           "RLIMIT_NPROC counts all of them; run as root or enable unprivileged user namespaces)")
         return out
 
 
