@@ -39,7 +39,7 @@ class TrainConfig:
     train_lm_head: bool = _f(False, "also train the LM head (shared with the embeddings when tied)")
     warm_start: bool = _f(True, "supervised warm start of built-in models before RL (cached)")
     # algorithm
-    algo: str = _f("grpo", "algorithm preset: grpo, dr_grpo")
+    algo: str = _f("grpo", "algorithm preset: grpo, dr_grpo, gigpo (gigpo: agent tasks)")
     loss_type: str | None = _f(None, "override the preset's loss aggregation: seq-mean-token-mean, seq-mean-token-sum-norm, token-mean")
     scale_rewards: str | None = _f(None, "override the preset's advantage scaling: group, batch, none")
     beta: float = _f(0.0, "KL coefficient (k3 estimator) against the initial policy; 0 disables the reference")
@@ -47,7 +47,8 @@ class TrainConfig:
     epsilon_high: float | None = _f(None, "upper clip range (DAPO clip-higher); defaults to epsilon")
     num_iterations: int = _f(1, "update passes over each batch of rollouts")
     # rollout
-    prompts_per_step: int = _f(16, "distinct prompts per RL step")
+    prompts_per_step: int | None = _f(None, "distinct prompts per RL step (agent tasks: start seeds); "
+                                      "default: the task's suggestion (16; agent tasks 4)")
     num_generations: int = _f(8, "completions sampled per prompt (the group size G)")
     max_completion_length: int | None = _f(None, "max new tokens per completion; default: the task's suggestion")
     temperature: float = _f(1.0, "sampling temperature for rollouts")
@@ -138,7 +139,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.loss_type is None or cfg.loss_type in LOSS_AGGREGATIONS, "loss_type", f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
     need(cfg.scale_rewards is None or cfg.scale_rewards in ("group", "batch", "none"), "scale_rewards", "must be group, batch or none")
     need(cfg.num_generations >= 2, "num_generations", "must be at least 2 (group advantages need a group)")
-    need(cfg.prompts_per_step >= 1, "prompts_per_step", "must be at least 1")
+    need(cfg.prompts_per_step is None or cfg.prompts_per_step >= 1, "prompts_per_step", "must be at least 1")
     need(cfg.max_steps >= 0, "max_steps", "must be >= 0")
     need(cfg.num_iterations >= 1, "num_iterations", "must be >= 1")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")

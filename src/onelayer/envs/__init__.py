@@ -12,8 +12,9 @@ from typing import Callable
 
 from .base import Env, EnvError
 from .grid import GridEnv
+from .textworld_env import TextWorldEnv
 
-__all__ = ["Env", "EnvError", "GridEnv", "make", "register", "registered"]
+__all__ = ["Env", "EnvError", "GridEnv", "TextWorldEnv", "make", "register", "registered"]
 
 _REGISTRY: dict[str, Callable[..., Env]] = {}
 
@@ -51,11 +52,5 @@ def make(name: str, **options) -> Env:
     return _REGISTRY[name](**options)
 
 
-def _textworld(**options) -> Env:
-    from .textworld_env import TextWorldEnv  # imports textworld only when asked for
-
-    return TextWorldEnv(**options)
-
-
 register("grid", GridEnv)
-register("textworld", _textworld)
+register("textworld", TextWorldEnv)  # the module imports TextWorld only when an env is built

@@ -2,18 +2,18 @@
 
 The agent ``@`` walks a walled room with ``up`` / ``down`` / ``left`` / ``right`` and wins by reaching
 the goal ``G``. At level 3 the goal is a locked door ``D``: the agent must first step on the key ``k``,
-which opens it (the door is then drawn as ``G``). Interior walls are ``#``, floor ``.``::
+which opens it (the door is then drawn as ``G``). Inner walls are ``#``, floor ``.``; the room's outer
+wall is not drawn (the admissible actions say where it is)::
 
-    ######
-    #@...#
-    #.#.k#
-    #..#D#
-    ######
+    @...
+    .#.k
+    ..#D
+    ....
 
 =====  ==========  ==============  ===========
 level  interior    inner walls     key + door
 =====  ==========  ==============  ===========
-1      3 x 3       0               no
+1      4 x 4       0               no
 2      4 x 4       2               no
 3      4 x 4       2               yes
 =====  ==========  ==============  ===========
@@ -34,7 +34,7 @@ from collections import deque
 from .base import Env, EnvError
 
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
-LEVELS = {1: (3, 0, False), 2: (4, 2, False), 3: (4, 2, True)}  # interior size, inner walls, key
+LEVELS = {1: (4, 0, False), 2: (4, 2, False), 3: (4, 2, True)}  # interior size, inner walls, key
 
 
 class GridEnv(Env):
@@ -42,8 +42,9 @@ class GridEnv(Env):
 
     name = "grid"
     task_description = "Reach G."
+    max_turns = 12  # default episode limit (the longest shortest path at level 3 is about 10)
 
-    def __init__(self, difficulty: int = 1):
+    def __init__(self, difficulty: int = 2):
         if isinstance(difficulty, bool) or difficulty not in LEVELS:
             raise EnvError(f"grid: difficulty={difficulty!r} is not a level; use one of {', '.join(map(str, LEVELS))}")
         self.difficulty = difficulty
@@ -112,13 +113,13 @@ class GridEnv(Env):
         walls, goal, key = st["layout"]
         n = self.size
         rows = []
-        for r in range(n + 2):
+        for r in range(1, n + 1):
             row = []
-            for c in range(n + 2):
+            for c in range(1, n + 1):
                 cell = (r, c)
                 if cell == st["pos"]:
                     row.append("@")
-                elif r in (0, n + 1) or c in (0, n + 1) or cell in walls:
+                elif cell in walls:
                     row.append("#")
                 elif cell == goal:
                     row.append("G" if st["key"] else "D")
@@ -128,6 +129,11 @@ class GridEnv(Env):
                     row.append(".")
             rows.append("".join(row))
         return "\n".join(rows)
+
+    def split_key(self, seed: int) -> str:
+        """The layout a seed gives: agent tasks split train/eval by it, so no eval room is trained on."""
+        layout, agent = self._layout(seed)
+        return repr((sorted(layout[0]), layout[1], layout[2], agent))
 
     def _info(self) -> dict:
         return {"admissible": self._admissible(), "anchor": self._obs(), "won": self._state["won"]}

@@ -1,5 +1,7 @@
 """Rollout: batched sampling with a KV cache and the log-probs the RL loss uses."""
 
-from onelayer.rollout.sampling import RolloutBatch, left_pad, sample, sequence_logprobs
+from onelayer.rollout.sampling import (
+    RolloutBatch, decode_completions, encode_prompts, left_pad, sample, sequence_logprobs,
+)
 
-__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_logprobs"]
+__all__ = ["RolloutBatch", "decode_completions", "encode_prompts", "left_pad", "sample", "sequence_logprobs"]

@@ -344,3 +344,19 @@ def sequence_logprobs(
     target = input_ids[:, prompt_len:]
     logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return logp.masked_fill(attention_mask[:, prompt_len:] == 0, 0.0)
+
+
+def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
+    return [tok(p, add_special_tokens=False).input_ids for p in prompts]
+
+
+def decode_completions(tok, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Completion texts up to (not including) EOS."""
+    lengths = completion_mask.sum(dim=1).long().tolist()
+    texts = []
+    for row, n in zip(completion_ids.tolist(), lengths):
+        ids = row[:n]
+        if ids and ids[-1] == tok.eos_token_id:
+            ids = ids[:-1]
+        texts.append(tok.decode(ids, skip_special_tokens=True))
+    return texts

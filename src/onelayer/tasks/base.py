@@ -57,6 +57,10 @@ class Task:
         """A correct completion of ``item`` for the supervised warm start, or None if unavailable."""
         return None
 
+    def sft_pairs(self, items: list[dict]) -> list[tuple[str, str]]:
+        """(prompt, completion) pairs for the supervised warm start: the items' demonstrations."""
+        return [(it["prompt"], d) for it in items if (d := self.demonstration(it)) is not None]
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({opts})"

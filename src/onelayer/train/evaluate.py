@@ -1,26 +1,18 @@
-"""Evaluation of a policy on a task's held-out items: greedy per-item scores, and sampled pass counts."""
+"""Evaluation of a policy on a task's held-out items: greedy per-item scores (or episode successes for
+agent tasks), and sampled pass counts."""
 
 from __future__ import annotations
 
 import torch
 
-from onelayer.rollout import sample
+from onelayer.rollout import decode_completions, encode_prompts, sample
+from onelayer.rollout.episodes import success_scores
 
 
-def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
-    return [tok(p, add_special_tokens=False).input_ids for p in prompts]
-
-
-def decode_completions(tok, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    """Completion texts up to (not including) EOS."""
-    lengths = completion_mask.sum(dim=1).long().tolist()
-    texts = []
-    for row, n in zip(completion_ids.tolist(), lengths):
-        ids = row[:n]
-        if ids and ids[-1] == tok.eos_token_id:
-            ids = ids[:-1]
-        texts.append(tok.decode(ids, skip_special_tokens=True))
-    return texts
+def task_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, batch_size: int = 256) -> list[float]:
+    """Per-item eval scores: greedy completions for single-turn tasks, greedy episodes (won = 1.0) for agents."""
+    score = success_scores if getattr(task, "is_agent", False) else greedy_scores
+    return score(model, tok, task, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 @torch.no_grad()

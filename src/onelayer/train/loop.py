@@ -1,9 +1,10 @@
-"""The RL loop: one run of GRPO / Dr. GRPO that updates only the selected layers.
+"""The RL loop: one run of GRPO / Dr. GRPO / GiGPO that updates only the selected layers.
 
 Read top to bottom: set up (task, policy, layer selection, optimizer, resume) → evaluate the base →
-for each step: sample G completions per prompt, score them, compute group advantages, run
-`num_iterations` clipped policy-gradient passes over minibatches, log → evaluate again → write
-`eval.json`, the model, and the frozen-tensor check. Algorithm math lives in `onelayer.algos`.
+for each step: sample G completions per prompt (or play G episodes per seed, for agent tasks) and
+score them, compute advantages, run `num_iterations` clipped policy-gradient passes over minibatches,
+log → evaluate again → write `eval.json`, the model, and the frozen-tensor check. Algorithm math lives
+in `onelayer.algos`; experience collection in `onelayer.train.experience`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from pathlib import Path
 import torch
 
 from onelayer import tasks
-from onelayer.algos import get_preset, group_advantages, policy_loss
+from onelayer.algos import get_preset, policy_loss
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, replace_dir, write_jsonl
 from onelayer.models.layers import (
     copy_trainable, fingerprint_frozen, frozen_unchanged, select_layers, swap_weights, trainable_parameters,
 )
-from onelayer.rollout import sample, sequence_logprobs
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
-from onelayer.train.evaluate import decode_completions, encode_prompts, greedy_scores
+from onelayer.rollout import sequence_logprobs
+from onelayer.train.evaluate import task_scores
+from onelayer.train.experience import advantages as step_advantages
+from onelayer.train.experience import collect
 from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
 
 # Settings that may differ when a killed run is resumed (they do not change the result).
@@ -54,6 +57,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     scale = cfg.scale_rewards or preset.scale
     loss_agg = cfg.loss_type or preset.loss_agg
     max_new = completion_budget(cfg, task)
+    per_step = cfg.prompts_per_step or getattr(task, "prompts_per_step", 16)
     model, tok, source = load_model(cfg, task, max_new, device, log)
 
     # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.
@@ -67,7 +71,8 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
 
-    resolved = {**cfg.to_dict(), "max_completion_length": max_new, "scale_rewards": scale, "loss_type": loss_agg,
+    resolved = {**cfg.to_dict(), "max_completion_length": max_new, "prompts_per_step": per_step,
+                "scale_rewards": scale, "loss_type": loss_agg,
                 "model_source": str(source), "layer_indices": selection.indices, "num_layers": selection.num_layers,
                 "trainable_params": selection.trainable_params, "total_params": selection.total_params,
                 "task_options": task.options, "config_hash": config_hash(cfg)}
@@ -81,7 +86,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
 
     train_items, eval_items = task.items("train"), task.items("eval")
-    evaluate = lambda: greedy_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)  # noqa: E731
+    evaluate = lambda: task_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)  # noqa: E731
     base_scores = _cached(out / "base_eval.json", evaluate)
     log(f"base score {_mean(base_scores):.1%} on {len(eval_items)} eval items")
 
@@ -93,17 +98,14 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             t0 = time.perf_counter()
             rng = random.Random(cfg.seed * 1_000_003 + step)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            items = rng.sample(train_items, min(cfg.prompts_per_step, len(train_items)))
+            items = rng.sample(train_items, min(per_step, len(train_items)))
 
-            # rollout: G completions per prompt, with the behaviour log-probs for the ratio
-            batch = sample(model.eval(), encode_prompts(tok, [it["prompt"] for it in items]),
-                           num_generations=cfg.num_generations, max_new_tokens=max_new, temperature=cfg.temperature,
-                           top_p=cfg.top_p, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen)
-            t1 = time.perf_counter()
-            completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
-            group_items = [items[i] for i in batch.prompt_index.tolist()]
-            rewards = torch.tensor(task.score_batch(group_items, completions), dtype=torch.float32)
-            advantages = group_advantages(rewards, batch.prompt_index.cpu(), scale=scale).to(device)
+            # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the
+            # behaviour log-probs for the ratio, then advantages
+            exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations, max_new_tokens=max_new,
+                          temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+            batch = exp.batch
+            advantages = step_advantages(exp, preset, scale).to(device)
             t2 = time.perf_counter()
 
             ref_logp = None
@@ -148,13 +150,12 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             elapsed += t4 - t0
             metrics = {
                 "step": step + 1,
-                "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                **exp.metrics,
+                "reward_std": exp.step_rewards.std().item() if len(exp.step_rewards) > 1 else 0.0,
                 **{k: v / updates for k, v in stats_sum.items()},
                 "grad_norm": grad_norm / updates,
                 "completion_len": batch.completion_lengths.float().mean().item(),
-                "seconds": t4 - t0, "rollout_s": t1 - t0, "reward_s": t2 - t1, "ref_s": t3 - t2, "update_s": t4 - t3,
-                "elapsed_s": elapsed,
+                "seconds": t4 - t0, "ref_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": elapsed,
             }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 metrics["eval_score"] = _mean(evaluate())

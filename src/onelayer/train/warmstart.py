@@ -26,7 +26,8 @@ import torch
 
 from onelayer.io import atomic_write_json, replace_dir
 from onelayer.models import build_tiny
-from onelayer.train.evaluate import encode_prompts, greedy_scores
+from onelayer.rollout import encode_prompts
+from onelayer.train.evaluate import task_scores
 
 WARM_VERSION = 2
 
@@ -99,10 +100,10 @@ def warm_started(model_name: str, task, *, max_new_tokens: int, log=print) -> Pa
         return final
 
 
-def _sft_batch(tok, items, task):
+def _sft_batch(tok, pairs: list[tuple[str, str]]):
     """Right-padded prompt+demonstration+EOS sequences with labels only on the completion."""
-    prompts = encode_prompts(tok, [it["prompt"] for it in items])
-    demos = encode_prompts(tok, [task.demonstration(it) for it in items])
+    prompts = encode_prompts(tok, [p for p, _ in pairs])
+    demos = encode_prompts(tok, [d for _, d in pairs])
     seqs = [p + d + [tok.eos_token_id] for p, d in zip(prompts, demos)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
@@ -117,12 +118,13 @@ def _sft_batch(tok, items, task):
 
 def _fine_tune(model_name: str, task, s: WarmStartSettings, *, max_new_tokens: int, log):
     model, tok = build_tiny(model_name, seed=s.seed)
-    items = [it for it in task.items("train") if task.demonstration(it) is not None]
-    if len(items) < s.n_heldout + s.batch_size:
-        raise WarmStartError(f"task {task.name!r} has only {len(items)} train items with demonstrations; warm start needs more")
+    items = task.items("train")
     rng = random.Random(s.seed)
     rng.shuffle(items)
-    heldout, train = items[: s.n_heldout], items[s.n_heldout :]
+    heldout, train = items[: s.n_heldout], task.sft_pairs(items[s.n_heldout :])
+    if len(heldout) < s.n_heldout or len(train) < s.batch_size:
+        raise WarmStartError(f"task {task.name!r} has too few train items with demonstrations for the warm start "
+                             f"({len(items)} items, {len(train)} demonstration pairs)")
     opt = torch.optim.AdamW(model.parameters(), lr=s.learning_rate, weight_decay=0.0)
     lo, hi = s.band
     start, step, acc, prev = time.monotonic(), 0, 0.0, None
@@ -131,7 +133,7 @@ def _fine_tune(model_name: str, task, s: WarmStartSettings, *, max_new_tokens: i
         model.train()
         for _ in range(s.check_every):
             batch = [train[rng.randrange(len(train))] for _ in range(s.batch_size)]
-            ids, mask, labels = _sft_batch(tok, batch, task)
+            ids, mask, labels = _sft_batch(tok, batch)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,7 +141,7 @@ def _fine_tune(model_name: str, task, s: WarmStartSettings, *, max_new_tokens: i
             opt.step()
             step += 1
         model.eval()
-        acc = sum(greedy_scores(model, tok, task, heldout, max_new_tokens=max_new_tokens)) / len(heldout)
+        acc = sum(task_scores(model, tok, task, heldout, max_new_tokens=max_new_tokens)) / len(heldout)
         elapsed = time.monotonic() - start
         history.append({"step": step, "loss": loss.item(), "heldout_accuracy": acc, "seconds": round(elapsed, 1)})
         log(f"warm start: step {step} loss {loss.item():.3f} held-out greedy accuracy {acc:.1%} ({elapsed:.0f}s)")

@@ -1,0 +1,64 @@
+"""One RL step's experience, for single-turn and agent tasks alike, and its advantages.
+
+``collect`` samples it: for a single-turn task, G completions per prompt, each a one-step episode
+whose group is its prompt; for an agent task, G episodes per seed (``onelayer.rollout.episodes``),
+one row per turn. ``advantages`` then applies the algorithm: GRPO / Dr. GRPO use episode-level group
+advantages (an episode's return against its group's, given to each of its rows); GiGPO adds the
+anchor-state step-level term (``onelayer.algos.gigpo_advantages``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from onelayer.algos import anchor_group_stats, gigpo_advantages, group_advantages
+from onelayer.rollout import RolloutBatch, decode_completions, encode_prompts, sample
+from onelayer.rollout.episodes import play
+
+
+@dataclass
+class Experience:
+    batch: RolloutBatch  # one row per (episode, turn)
+    step_rewards: torch.Tensor  # FloatTensor[S]
+    traj_ids: torch.Tensor  # LongTensor[S]
+    group_ids: torch.Tensor  # LongTensor[S]
+    anchors: list  # S hashable state keys
+    metrics: dict  # reward_mean (mean episode return) and, for agents, success / anchor statistics
+
+
+def collect(model, tok, task, items: list[dict], *, num_generations: int, max_new_tokens: int, temperature: float,
+            top_p: float, generator: torch.Generator) -> Experience:
+    t0 = time.perf_counter()
+    if getattr(task, "is_agent", False):
+        eps = play(model, tok, task, [it["seed"] for it in items], num_generations=num_generations,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+        n = len(eps.won)
+        metrics = {"reward_mean": sum(eps.returns) / n, "success_rate": sum(eps.won) / n,
+                   "episode_len": sum(eps.lengths) / n, "invalid_rate": 1 - sum(eps.valid) / max(1, len(eps.valid)),
+                   "rollout_s": time.perf_counter() - t0, "reward_s": eps.env_seconds,
+                   **{f"anchor_{k}": v for k, v in anchor_group_stats(eps.group_ids, eps.anchors).items()}}
+        return Experience(eps.batch, eps.step_rewards, eps.traj_ids, eps.group_ids, eps.anchors, metrics)
+    batch = sample(model, encode_prompts(tok, [it["prompt"] for it in items]), num_generations=num_generations,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
+    t1 = time.perf_counter()
+    completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
+    group = batch.prompt_index.cpu()
+    rewards = torch.tensor(task.score_batch([items[i] for i in group.tolist()], completions), dtype=torch.float32)
+    return Experience(batch, rewards, torch.arange(len(rewards)), group, group.tolist(),
+                      {"reward_mean": rewards.mean().item(), "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1})
+
+
+def advantages(exp: Experience, preset, scale: str) -> torch.Tensor:
+    """Per-row advantages of ``exp`` under ``preset`` (``scale`` overrides the preset's reward scaling)."""
+    if preset.advantage == "gigpo":
+        return gigpo_advantages(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, gamma=preset.gamma,
+                                omega=preset.omega, scale="group" if scale == "group" else "none")
+    # episode level: each episode's return against its group's, given to every row of the episode
+    traj, inverse = torch.unique(exp.traj_ids, return_inverse=True)
+    returns = exp.step_rewards.new_zeros(len(traj)).index_add(0, inverse, exp.step_rewards)
+    traj_group = exp.group_ids.new_zeros(len(traj)).scatter(0, inverse, exp.group_ids)
+    return group_advantages(returns, traj_group, scale=scale)[inverse]
