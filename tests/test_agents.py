@@ -117,11 +117,18 @@ def test_episode_level_advantages_for_grpo_and_gigpo_on_rows():
     exp = Experience(batch=None, step_rewards=torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
                      traj_ids=torch.tensor([0, 0, 1, 1, 2]), group_ids=torch.tensor([0, 0, 0, 0, 1]),
                      anchors=["s0", "s1", "s0", "s2", "t0"], metrics={})
-    grpo = advantages(exp, get_preset("dr_grpo"), "none")
+    grpo = advantages(exp, get_preset("dr_grpo"), "none", balance_episodes=False)
     assert grpo.tolist() == pytest.approx([0.5, 0.5, -0.5, -0.5, 0.0])
-    gigpo = advantages(exp, get_preset("gigpo"), "none")
+    gigpo = advantages(exp, get_preset("gigpo"), "none", balance_episodes=False)
     # episode term ±0.5; step term: anchor (0, s0) holds returns 0.95 and 0 → ±0.475; others singletons
     assert gigpo.tolist() == pytest.approx([0.5 + 0.475, 0.5, -0.5 - 0.475, -0.5, 0.0])
+    # balanced: each row × S / (E · len(episode)) = 5 / (3 · 2) for the two-step episodes
+    balanced = advantages(exp, get_preset("gigpo"), "none")
+    assert balanced.tolist() == pytest.approx([(0.5 + 0.475) * 5 / 6, 0.5 * 5 / 6, (-0.5 - 0.475) * 5 / 6, -0.5 * 5 / 6, 0.0])
+    single = Experience(batch=None, step_rewards=torch.tensor([1.0, 0.0, 1.0]), traj_ids=torch.arange(3),
+                        group_ids=torch.tensor([0, 0, 0]), anchors=[0, 0, 0], metrics={})
+    assert torch.equal(advantages(single, get_preset("grpo"), "group"),
+                       advantages(single, get_preset("grpo"), "group", balance_episodes=False))
 
 
 @pytest.mark.parametrize("algo", ["gigpo", "grpo"])

@@ -46,19 +46,21 @@ class TrainConfig:
     epsilon: float = _f(0.2, "PPO clip range (lower, and upper unless epsilon_high is set)")
     epsilon_high: float | None = _f(None, "upper clip range (DAPO clip-higher); defaults to epsilon")
     num_iterations: int = _f(1, "update passes over each batch of rollouts")
+    balance_episodes: bool = _f(True, "agent tasks: weight each turn by 1/(its episode's length) so every episode "
+                                      "counts equally in the loss (no effect on single-turn tasks)")
     # rollout
-    prompts_per_step: int | None = _f(None, "distinct prompts per RL step (agent tasks: start seeds); "
-                                      "default: the task's suggestion (16; agent tasks 4)")
+    prompts_per_step: int | None = _f(None, "distinct prompts per RL step (agent tasks: start seeds, each played "
+                                      "num_generations times); default: the task's suggestion (16; agent tasks 4)")
     num_generations: int = _f(8, "completions sampled per prompt (the group size G)")
     max_completion_length: int | None = _f(None, "max new tokens per completion; default: the task's suggestion")
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold for rollouts")
     # optimisation
-    learning_rate: float = _f(1e-4, "AdamW learning rate")
+    learning_rate: float | None = _f(None, "AdamW learning rate; default: the task's suggestion (1e-4; agent tasks 3e-4)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mini_batch_size: int | None = _f(None, "completions per optimizer step; default: the whole batch")
-    max_steps: int = _f(300, "RL steps")
+    max_steps: int | None = _f(None, "RL steps; default: the task's suggestion (300; agent tasks 150)")
     # evaluation, logging, checkpoints
     eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after)")
     save_every: int = _f(25, "checkpoint every N steps (a killed run resumes from the last one)")
@@ -140,9 +142,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.scale_rewards is None or cfg.scale_rewards in ("group", "batch", "none"), "scale_rewards", "must be group, batch or none")
     need(cfg.num_generations >= 2, "num_generations", "must be at least 2 (group advantages need a group)")
     need(cfg.prompts_per_step is None or cfg.prompts_per_step >= 1, "prompts_per_step", "must be at least 1")
-    need(cfg.max_steps >= 0, "max_steps", "must be >= 0")
+    need(cfg.max_steps is None or cfg.max_steps >= 0, "max_steps", "must be >= 0")
     need(cfg.num_iterations >= 1, "num_iterations", "must be >= 1")
-    need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
+    need(cfg.learning_rate is None or cfg.learning_rate > 0, "learning_rate", "must be > 0")
     need(cfg.beta >= 0, "beta", "must be >= 0")
     need(0 < cfg.epsilon < 1, "epsilon", "must be in (0, 1)")
     need(cfg.epsilon_high is None or cfg.epsilon_high > 0, "epsilon_high", "must be > 0")

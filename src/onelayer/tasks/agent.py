@@ -49,8 +49,11 @@ class AgentTask(Task):
     """A multi-turn environment as a trainable, evaluable task (see the module docstring)."""
 
     is_agent = True
-    prompts_per_step = 4  # groups (seeds) per RL step; each is played num_generations times
-    warm_start = {"n_heldout": 100}  # held-out seeds for the warm start's success checks
+    # an RL step plays 4 seeds x G episodes, one row per turn: fewer, costlier steps at a higher rate
+    train_defaults = {"prompts_per_step": 4, "max_steps": 150, "learning_rate": 3e-4}
+    # warm start: 100 held-out seeds per success check; stop at 45 % (the band stays 15-60 %): a tiny model
+    # that has only just started to read the board gives RL too little to work with
+    warm_start = {"n_heldout": 100, "target": 0.45}
 
     def __init__(self, env_name: str, *, history: int | None = None, max_turns: int | None = None,
                  invalid_penalty: float = 0.1, n_train: int = 5000, n_eval: int = 200, seed: int = 0,

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from onelayer import tasks
-from onelayer.config import TrainConfig
+from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import atomic_write_json
 from onelayer.stats import bootstrap_ci
 from onelayer.tasks.codedata import mean_pass_at_k
-from onelayer.train.evaluate import greedy_scores, sampled_pass_counts
+from onelayer.train.evaluate import sampled_pass_counts, task_scores
 from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
 
 
@@ -25,7 +25,10 @@ def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, 
     max_new = completion_budget(cfg, task)
     model, tok, source = load_model(cfg, task, max_new, resolve_device(cfg.device), log)
     items = task.items("eval")
-    scores = greedy_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)
+    if samples > 1 and getattr(task, "is_agent", False):
+        raise ConfigError(f"--samples applies to single-turn tasks; {cfg.task} is an agent task (its score is the "
+                          "greedy success rate over held-out seeds)")
+    scores = task_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)
     score = sum(scores) / len(scores)
     record = {"score": score, "ci95": bootstrap_ci(scores), "n": len(scores), "task": cfg.task,
               "task_options": task.options, "model": cfg.model, "model_source": str(source),

@@ -52,13 +52,26 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
                       {"reward_mean": rewards.mean().item(), "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1})
 
 
-def advantages(exp: Experience, preset, scale: str) -> torch.Tensor:
-    """Per-row advantages of ``exp`` under ``preset`` (``scale`` overrides the preset's reward scaling)."""
+def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = True) -> torch.Tensor:
+    """Per-row advantages of ``exp`` under ``preset`` (``scale`` overrides the preset's reward scaling).
+
+    ``balance_episodes`` weights each row by S / (E · len(its episode)) (S rows, E episodes), so every
+    episode carries the same total weight in the loss whatever its length. Without it, long failing
+    episodes outnumber short successful ones row for row, the advantages of a batch sum to a large
+    negative value, and the update pushes probability away from the sampled actions in general (towards
+    untaken, mostly invalid ones). The policy-gradient term is linear in the advantage and the clip
+    depends only on its sign, so this is exactly a per-episode mean of the loss. Single-turn episodes
+    have length 1: weight 1, no change.
+    """
     if preset.advantage == "gigpo":
-        return gigpo_advantages(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, gamma=preset.gamma,
-                                omega=preset.omega, scale="group" if scale == "group" else "none")
-    # episode level: each episode's return against its group's, given to every row of the episode
-    traj, inverse = torch.unique(exp.traj_ids, return_inverse=True)
-    returns = exp.step_rewards.new_zeros(len(traj)).index_add(0, inverse, exp.step_rewards)
-    traj_group = exp.group_ids.new_zeros(len(traj)).scatter(0, inverse, exp.group_ids)
-    return group_advantages(returns, traj_group, scale=scale)[inverse]
+        adv = gigpo_advantages(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, gamma=preset.gamma,
+                               omega=preset.omega, scale="group" if scale == "group" else "none")
+    else:  # episode level: each episode's return against its group's, given to every row of the episode
+        traj, inverse = torch.unique(exp.traj_ids, return_inverse=True)
+        returns = exp.step_rewards.new_zeros(len(traj)).index_add(0, inverse, exp.step_rewards)
+        traj_group = exp.group_ids.new_zeros(len(traj)).scatter(0, inverse, exp.group_ids)
+        adv = group_advantages(returns, traj_group, scale=scale)[inverse]
+    if balance_episodes and len(adv):
+        _, inverse, lengths = torch.unique(exp.traj_ids, return_inverse=True, return_counts=True)
+        adv = adv * (len(adv) / (len(lengths) * lengths[inverse].float()))
+    return adv

@@ -31,7 +31,7 @@ from onelayer.rollout import sequence_logprobs
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
-from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
+from onelayer.train.setup import load_model, resolve_device, setup_torch, with_task_defaults
 
 # Settings that may differ when a killed run is resumed (they do not change the result).
 RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device"}
@@ -53,11 +53,11 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     device = resolve_device(cfg.device)
 
     task = tasks.make(cfg.task, **cfg.task_opts)
+    user_cfg, cfg = cfg, with_task_defaults(cfg, task)  # unset settings take the task's suggestions
     preset = get_preset(cfg.algo)
     scale = cfg.scale_rewards or preset.scale
     loss_agg = cfg.loss_type or preset.loss_agg
-    max_new = completion_budget(cfg, task)
-    per_step = cfg.prompts_per_step or getattr(task, "prompts_per_step", 16)
+    max_new = cfg.max_completion_length
     model, tok, source = load_model(cfg, task, max_new, device, log)
 
     # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.
@@ -71,11 +71,10 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
 
-    resolved = {**cfg.to_dict(), "max_completion_length": max_new, "prompts_per_step": per_step,
-                "scale_rewards": scale, "loss_type": loss_agg,
+    resolved = {**cfg.to_dict(), "scale_rewards": scale, "loss_type": loss_agg,
                 "model_source": str(source), "layer_indices": selection.indices, "num_layers": selection.num_layers,
                 "trainable_params": selection.trainable_params, "total_params": selection.total_params,
-                "task_options": task.options, "config_hash": config_hash(cfg)}
+                "task_options": task.options, "config_hash": config_hash(user_cfg)}
     atomic_write_json(out / "config.json", resolved)
     _set_status(out, "running")
 
@@ -98,14 +97,14 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             t0 = time.perf_counter()
             rng = random.Random(cfg.seed * 1_000_003 + step)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            items = rng.sample(train_items, min(per_step, len(train_items)))
+            items = rng.sample(train_items, min(cfg.prompts_per_step, len(train_items)))
 
             # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the
             # behaviour log-probs for the ratio, then advantages
             exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations, max_new_tokens=max_new,
                           temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
             batch = exp.batch
-            advantages = step_advantages(exp, preset, scale).to(device)
+            advantages = step_advantages(exp, preset, scale, cfg.balance_episodes).to(device)
             t2 = time.perf_counter()
 
             ref_logp = None
@@ -165,7 +164,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
                     writer.add_scalar(f"train/{k}", v, step + 1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(out / "checkpoint", model, optimizer, {"step": step + 1, "config_hash": config_hash(cfg)})
+                save_checkpoint(out / "checkpoint", model, optimizer, {"step": step + 1, "config_hash": config_hash(user_cfg)})
 
     scores = evaluate()
     unchanged, changed = frozen_unchanged(model, fingerprint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -14,6 +15,20 @@ from onelayer.train.warmstart import warm_started
 def completion_budget(cfg: TrainConfig, task) -> int:
     """Max new tokens per completion: the config's value, else the task's suggestion, else 64."""
     return cfg.max_completion_length or getattr(task, "max_completion_length", 64)
+
+
+# onelayer's defaults for the settings a task may suggest its own values for (``task.train_defaults``)
+TASK_TUNABLE = {"prompts_per_step": 16, "max_steps": 300, "learning_rate": 1e-4}
+
+
+def with_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
+    """``cfg`` with every setting left unset (None) filled in: the task's suggestion, else onelayer's default.
+
+    Settings given explicitly always win. The completion budget is filled the same way.
+    """
+    suggested = getattr(task, "train_defaults", {})
+    changes = {k: suggested.get(k, v) for k, v in TASK_TUNABLE.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **changes, max_completion_length=completion_budget(cfg, task))
 
 
 def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
