@@ -119,11 +119,20 @@ def merge_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
 
 @torch.no_grad()
 def success_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, batch_size: int = 256) -> list[float]:
-    """Greedy success (1.0 won / 0.0 not) of one episode per item, in order."""
+    """Per item, the share of its evaluation episodes won, in order.
+
+    ``task.eval_samples`` episodes per item, sampled at ``task.eval_temperature`` with a generator seeded by
+    ``task.eval_seed`` (so the same model always gets the same score), or one greedy episode when
+    ``task.eval_samples`` is 0.
+    """
+    n = task.eval_samples or 1
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(task.eval_seed)
+    per_chunk = max(1, batch_size // n)
     scores: list[float] = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        eps = play(model, tok, task, [it["seed"] for it in chunk], num_generations=1,
-                   max_new_tokens=max_new_tokens, greedy=True)
-        scores.extend(1.0 if w else 0.0 for w in eps.won)
+    for i in range(0, len(items), per_chunk):
+        chunk = items[i:i + per_chunk]
+        eps = play(model, tok, task, [it["seed"] for it in chunk], num_generations=n, max_new_tokens=max_new_tokens,
+                   greedy=not task.eval_samples, temperature=task.eval_temperature, generator=gen)
+        scores.extend(sum(eps.won[j * n:(j + 1) * n]) / n for j in range(len(chunk)))
     return scores

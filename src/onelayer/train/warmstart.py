@@ -144,7 +144,7 @@ def _fine_tune(model_name: str, task, s: WarmStartSettings, *, max_new_tokens: i
         acc = sum(task_scores(model, tok, task, heldout, max_new_tokens=max_new_tokens)) / len(heldout)
         elapsed = time.monotonic() - start
         history.append({"step": step, "loss": loss.item(), "heldout_accuracy": acc, "seconds": round(elapsed, 1)})
-        log(f"warm start: step {step} loss {loss.item():.3f} held-out greedy accuracy {acc:.1%} ({elapsed:.0f}s)")
+        log(f"warm start: step {step} loss {loss.item():.3f} held-out score {acc:.1%} ({elapsed:.0f}s)")
         if acc >= s.target:
             if acc > hi and prev is not None and prev[0] >= lo:  # overshot: the previous check was in band
                 acc = prev[0]
@@ -162,5 +162,5 @@ def _fine_tune(model_name: str, task, s: WarmStartSettings, *, max_new_tokens: i
         raise WarmStartError(f"warm start ended at {acc:.1%} held-out accuracy, outside the band {lo:.0%}-{hi:.0%}")
     record = {"model": model_name, "task": task.name, "task_options": task.options, "settings": asdict(s),
               "heldout_accuracy": acc, "steps": step, "seconds": round(time.monotonic() - start, 1), "history": history}
-    log(f"warm start: done, held-out greedy accuracy {acc:.1%} after {step} steps")
+    log(f"warm start: done, held-out score {acc:.1%} after {step} steps")
     return model, tok, record
