@@ -10,9 +10,8 @@ a factory is a class or function whose keyword arguments are the task's options.
 
 from __future__ import annotations
 
-import inspect
 import re
-from typing import Callable
+from onelayer.registry import Registry
 
 from .arith import ArithTask
 from .base import Task, TaskError
@@ -43,47 +42,10 @@ __all__ = [
     "load_callable",
 ]
 
-_REGISTRY: dict[str, Callable[..., Task]] = {}
-
-
-def register(name: str, factory: Callable[..., Task], *, overwrite: bool = False) -> None:
-    """Make ``factory(**options)`` available as ``make(name, **options)``."""
-    if not callable(factory):
-        raise TypeError(f"task factory for {name!r} is not callable")
-    if name in _REGISTRY and not overwrite and _REGISTRY[name] is not factory:
-        raise ValueError(f"task {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = factory
-
-
-def registered() -> list[str]:
-    """The registered task names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _option_names(factory: Callable) -> list[str] | None:
-    """Keyword options ``factory`` accepts, or None when it takes ``**kwargs`` (anything goes)."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def make(name: str, **options) -> Task:
-    """Build the task registered as ``name`` with ``options``; errors name the valid choices."""
-    if name not in _REGISTRY:
-        raise TaskError(f"unknown task {name!r}; registered tasks: {', '.join(registered())}")
-    factory = _REGISTRY[name]
-    valid = _option_names(factory)
-    if valid is not None:
-        for key in options:
-            if key not in valid:
-                raise TaskError(
-                    f"task {name!r} has no option {key!r}; valid options: {', '.join(valid) or '(none)'}"
-                )
-    return factory(**options)
+_TASKS = Registry("task", "tasks", TaskError)
+register = _TASKS.register
+registered = _TASKS.names
+make = _TASKS.make  # make(name, **options) -> Task; errors name the valid tasks and options
 
 
 _INT_RE = re.compile(r"[+-]?\d+")
