@@ -327,7 +327,7 @@ def test_presets():
     assert get_preset("dr_grpo") == AlgoPreset("dr_grpo", "group", "none", "seq-mean-token-sum-norm", 0.0)
     g = get_preset("gigpo")
     assert (g.advantage, g.scale, g.loss_agg, g.beta, g.gamma, g.omega) == (
-        "gigpo", "none", "token-mean", 0.0, 0.95, 1.0
+        "gigpo", "group", "token-mean", 0.0, 0.95, 1.0
     )
     for p in PRESETS.values():
         assert p.advantage in ADVANTAGES and p.loss_agg in LOSS_AGGREGATIONS
