@@ -10,7 +10,7 @@ all turns are then merged into one padded ``RolloutBatch`` for the loss.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +30,6 @@ class Episodes:
     won: list[bool]  # per episode
     returns: list[float]  # per episode: sum of its step rewards
     lengths: list[int]  # per episode: turns played
-    actions: list[list[str]] = field(default_factory=list)  # per episode, for logs and tests
     env_seconds: float = 0.0  # time spent in the environments (the reward phase of an agent step)
 
 
@@ -61,7 +60,7 @@ def play(model, tok, task, seeds: list[int], *, num_generations: int, max_new_to
                            max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
             turn_batches.append(batch)
-            for e, text in zip(active, _decode(tok, batch)):
+            for e, text in zip(active, decode_completions(tok, batch.completion_ids, batch.completion_mask)):
                 action = task.parse_action(text)
                 anchor = infos[e]["anchor"]
                 t0 = time.perf_counter()
@@ -85,13 +84,8 @@ def play(model, tok, task, seeds: list[int], *, num_generations: int, max_new_to
         traj_ids=torch.tensor([r[0] for r in rows], dtype=torch.long),
         group_ids=torch.tensor([group_of[r[0]] for r in rows], dtype=torch.long),
         anchors=[r[2] for r in rows], valid=[r[3] for r in rows],
-        won=won, returns=returns, lengths=lengths, actions=[[a for _, a in h] for h in history],
-        env_seconds=env_seconds,
+        won=won, returns=returns, lengths=lengths, env_seconds=env_seconds,
     )
-
-
-def _decode(tok, batch: RolloutBatch) -> list[str]:
-    return decode_completions(tok, batch.completion_ids, batch.completion_mask)
 
 
 def merge_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:

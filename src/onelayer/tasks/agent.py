@@ -49,8 +49,6 @@ from onelayer.envs import EnvError
 
 from .base import Task, TaskError, check_split
 
-AGENT_OPTIONS = ("history", "max_turns", "invalid_penalty", "n_train", "n_eval", "seed", "demo_noise", "max_obs_chars",
-                 "eval_samples", "eval_temperature")
 EVAL_MODULUS = 5
 
 
