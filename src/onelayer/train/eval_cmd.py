@@ -27,7 +27,7 @@ def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, 
     items = task.items("eval")
     if samples > 1 and getattr(task, "is_agent", False):
         raise ConfigError(f"--samples applies to single-turn tasks; {cfg.task} is an agent task (its score is the "
-                          "greedy success rate over held-out seeds)")
+                          "success rate over held-out seeds; set episodes per seed with --task-opt eval_samples=N)")
     scores = task_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)
     score = sum(scores) / len(scores)
     record = {"score": score, "ci95": bootstrap_ci(scores), "n": len(scores), "task": cfg.task,
