@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, eval.json, model/)")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="greedy evaluation of a model on a task's held-out split")
+    p = sub.add_parser("eval", help="score a model on a task's held-out split (greedy; agent tasks: success rate)")
     _add_config_flags(p)
     p.add_argument("--out", required=True, help="JSON file for score, ci95, n, task")
     p.add_argument("--batch-size", type=int, default=256, help="sequences per generation batch")

@@ -354,7 +354,7 @@ def _run_batch(jobs: list[_Job], lim: Limits, iso: Isolation, slot: int) -> tupl
             os.close(fd)
         if proc is not None:
             _stop(proc, graceful=bool(layers) or len(verdicts) == len(jobs))
-        if uids:
+        if uids and not iso.namespaces:  # in a pid namespace everything already died with its init
             _kill_uids(uids)
         shutil.rmtree(workdir, ignore_errors=True)
     timed_out = time.monotonic() >= deadline
