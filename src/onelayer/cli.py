@@ -124,6 +124,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from onelayer.io import atomic_write_json
+    from onelayer.models.plan import format_plan, plan_memory
+
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be a positive integer")
+    if args.beta < 0:
+        raise ConfigError(f"--beta {args.beta}: must be >= 0")
+    plan = plan_memory(args.model_config, args.layers, dtype=args.dtype, batch_size=args.batch_size,
+                       seq_len=args.seq_len, beta=args.beta, train_embeddings=args.train_embeddings,
+                       train_lm_head=args.train_lm_head, block_path=args.block_path)
+    print(format_plan(plan))
+    if args.json:
+        atomic_write_json(args.json, plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-perm", type=int, default=2000, help="permutations for the p-values")
     p.add_argument("--json", help="also write the full result (matrices, nulls) to this JSON file")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("plan", help="memory of full vs selected-layer training, from a config on the meta device (no weights)")
+    p.add_argument("--model-config", required=True,
+                   help="shipped name (qwen3-0.6b/1.7b/4b/8b, qwen2.5-1.5b/7b), built-in tiny model, config.json or its directory")
+    p.add_argument("--layers", required=True, help="layer spec to compare with full training: all, 7, 3,5, 2-5, -1, middle:k, top:k@FILE")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="weights and gradients dtype (default bf16)")
+    p.add_argument("--batch-size", type=int, default=64, help="micro-batch: sequences per forward/backward pass (default 64)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence, prompt + completion (default 1024)")
+    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds a reference copy of the trainable tensors")
+    p.add_argument("--train-embeddings", action="store_true", help="as in train: also train the input embeddings")
+    p.add_argument("--train-lm-head", action="store_true", help="as in train: also train the LM head")
+    p.add_argument("--block-path", help="dotted path of the decoder blocks' ModuleList, if discovery fails")
+    p.add_argument("--json", help="also write the plan (full, selected, assumptions) to this JSON file")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,0 +1,342 @@
+"""Training-memory planner: what full-parameter RL and RL of a layer set cost, from the config alone.
+
+The model is built from its config under ``torch.device("meta")``: every parameter has a shape and
+no storage, so an 8B model plans in about a second with no weights on disk and no memory used. The
+layer spec is applied with `select_layers`, exactly as the trainer applies it (``all`` is
+full-parameter training including embeddings, final norm and head; any other spec trains blocks
+only, plus the embeddings / LM head when asked), so the planner and the trainer cannot disagree
+about what is trainable.
+
+``--model-config`` is a shipped config name (``qwen3-0.6b``, ``qwen3-1.7b``, ``qwen3-4b``,
+``qwen3-8b``, ``qwen2.5-1.5b``, ``qwen2.5-7b``; case-insensitive, an ``org/`` prefix is ignored),
+a built-in tiny model (``tiny-qwen3`` …), a ``config.json`` file, or a directory holding one. The
+shipped files are the published Hugging Face ``config.json`` of ``Qwen/Qwen3-*`` and
+``Qwen/Qwen2.5-*`` (base), in ``onelayer/models/configs/``.
+
+Per entry (``full`` and ``selected``), with P = all parameters, N = trainable parameters, w = bytes
+per weight (bf16/fp16 2, fp32 4)::
+
+    param_bytes      = P · w                    every weight is resident, frozen or not
+    grad_bytes       = N · w                    gradients only for trainable tensors, at the weights dtype
+    optimizer_bytes  = N · 8  (+ N · 4)         AdamW exp_avg + exp_avg_sq in fp32; plus fp32 master
+                                                weights when the weights are not fp32 (mixed precision)
+    reference_bytes  = N · w  if beta > 0       the KL reference is a copy of the trainable tensors only
+    activation_bytes = B·T · (L − l0) · a_block · w  +  B·T · V · 4
+    total_bytes      = param + grad + optimizer + reference + activation
+    kv_cache_bytes   = 2 · L · B · T · n_kv · d_head · w    (rollout; reported, not in the total)
+
+Activations: B = micro-batch sequences, T = tokens per sequence, L = blocks, V = vocabulary,
+l0 = the lowest block that has a trainable parameter (0 when the input embeddings train). Nothing
+below l0 requires grad, so autograd saves nothing there; every block from l0 up is counted as if it
+saved everything (an upper bound for frozen blocks above l0, which need no weight gradients). When
+only the LM head trains, no block is counted; when nothing trains, activations are 0. The
+per-token, per-block count ``a_block`` is for a Llama/Qwen-style pre-norm block with SwiGLU MLP and
+SDPA/flash attention (no T×T score matrix stored), in elements::
+
+    a_block = 4·h + 3·q + 3·kv + 4·i
+        h : block input and its RMSNorm output; residual sum and its RMSNorm output     (4·h)
+        q : q before RoPE / qk-norm, q into attention, attention output into o_proj      (3·q)
+        kv: k before RoPE / qk-norm, k and v into attention                               (3·kv)
+        i : gate and up projections, activation(gate), the product into down_proj         (4·i)
+
+with h = hidden size, q = heads·d_head, kv = kv_heads·d_head, i = MLP intermediate size. The head
+term keeps the logits in fp32 (4 bytes) for the log-softmax backward, as the trainer computes
+them. Not counted: framework workspace, allocator fragmentation, temporaries of the backward pass,
+gradient checkpointing (which would shrink the activation term), and the rollout itself.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onelayer.models import ModelError, _quiet_transformers
+from onelayer.models.layers import find_blocks, select_layers
+from onelayer.models.tiny import TINY_SHAPES, char_tokenizer, tiny_config
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MASTER_WEIGHT_BYTES = 4  # fp32 copy of each trainable weight under mixed precision
+LOGIT_BYTES = 4  # fp32 logits for the log-softmax backward
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving --model-config
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Shipped config names (lower case, e.g. 'qwen3-8b') → their config.json files."""
+    folder = resources.files("onelayer.models") / "configs"
+    return {p.name[: -len(".json")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json")}
+
+
+def _config_from_file(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model config {str(path)!r}: cannot read it as JSON ({exc})") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ModelError(f"model config {str(path)!r}: no 'model_type' key; is it a Hugging Face config.json?")
+    model_type = values.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"model config {str(path)!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def resolve_config(name_or_path: str):
+    """(HF config, where it came from) for a shipped name, a tiny built-in, a config.json or its directory."""
+    _quiet_transformers()
+    name = str(name_or_path).strip()
+    if name in TINY_SHAPES:
+        return tiny_config(name, len(char_tokenizer())), f"built-in {name}"
+    shipped = shipped_configs()
+    key = name.lower().rsplit("/", 1)[-1]  # "Qwen/Qwen3-8B" names the shipped qwen3-8b
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _config_from_file(path), str(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _config_from_file(path / "config.json"), str(path / "config.json")
+    if key in shipped:
+        return _config_from_file(shipped[key]), f"shipped {key}"
+    if path.is_dir():
+        raise ModelError(f"model config {name!r}: the directory has no config.json")
+    raise ModelError(
+        f"unknown model config {name!r}: pass a shipped name ({', '.join(sorted(shipped))}), a built-in "
+        f"({', '.join(TINY_SHAPES)}), a config.json file or a directory that holds one"
+    )
+
+
+def meta_model(config) -> nn.Module:
+    """The causal LM of `config` with every parameter on the meta device (shapes only, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(
+            f"cannot build a causal LM from a {type(config).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and counts
+
+
+def block_shape(config) -> dict[str, int]:
+    """hidden, q width, kv width, MLP intermediate size and vocabulary from an HF config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*keys: str, default=None):
+        for key in keys:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return default
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head")
+    if hidden is None or heads is None:
+        raise ModelError(f"{type(config).__name__}: no hidden size / head count in the config")
+    head_dim = first("head_dim", default=hidden // heads)
+    kv_heads = first("num_key_value_heads", default=heads)
+    return {
+        "hidden": hidden,
+        "q": heads * head_dim,
+        "kv": kv_heads * head_dim,
+        "head_dim": head_dim,
+        "kv_heads": kv_heads,
+        "intermediate": first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        "vocab": first("vocab_size", default=0),
+    }
+
+
+def activation_elements_per_token_per_block(shape: dict[str, int]) -> int:
+    """a_block = 4·h + 3·q + 3·kv + 4·i (see the module docstring)."""
+    return 4 * shape["hidden"] + 3 * shape["q"] + 3 * shape["kv"] + 4 * shape["intermediate"]
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    """All parameters except the input embeddings and an untied LM head (the model-card convention)."""
+    skip = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip.add(id(head.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def lowest_trainable_block(model: nn.Module, block_path: str | None = None) -> int | None:
+    """First block whose activations backward needs: 0 if the input embeddings train, the lowest block
+    with a trainable parameter otherwise, L if only parameters above the blocks train, None if nothing does."""
+    _, blocks = find_blocks(model, block_path)
+    if model.get_input_embeddings().weight.requires_grad:
+        return 0
+    for i, block in enumerate(blocks):
+        if any(p.requires_grad for p in block.parameters()):
+            return i
+    return len(blocks) if any(p.requires_grad for p in model.parameters()) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def _normalize_dtype(dtype: str) -> str:
+    key = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if key not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    return key
+
+
+def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: int, opt_per_param: int,
+           tokens: int, beta: float, block_path: str | None) -> dict:
+    total, trainable = selection.total_params, selection.trainable_params  # a tied tensor counts once
+    lowest = lowest_trainable_block(model, block_path)
+    num_layers = selection.num_layers
+    if lowest is None:
+        activation = 0
+    else:
+        per_block = activation_elements_per_token_per_block(shape) * w
+        activation = tokens * (num_layers - lowest) * per_block + tokens * shape["vocab"] * LOGIT_BYTES
+    entry = {
+        "layers": spec,
+        "layer_indices": selection.indices,
+        "lowest_trainable_block": lowest,
+        "total_params": total,
+        "trainable_params": trainable,
+        "param_bytes": total * w,
+        "grad_bytes": trainable * w,
+        "optimizer_bytes": trainable * opt_per_param,
+        "activation_bytes": activation,
+        "reference_bytes": trainable * w if beta > 0 else 0,
+        "kv_cache_bytes": 2 * num_layers * tokens * shape["kv_heads"] * shape["head_dim"] * w,
+    }
+    entry["total_bytes"] = sum(entry[k] for k in
+                               ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "reference_bytes"))
+    return entry
+
+
+def plan_memory(
+    model_config: str,
+    layers: str,
+    *,
+    dtype: str = "bf16",
+    batch_size: int = 64,
+    seq_len: int = 1024,
+    beta: float = 0.0,
+    train_embeddings: bool = False,
+    train_lm_head: bool = False,
+    block_path: str | None = None,
+) -> dict:
+    """Memory of full-parameter training ("full") and of training `layers` ("selected"), in bytes.
+
+    `batch_size` is the micro-batch: sequences per forward/backward pass, each `seq_len` tokens
+    (prompt + completion). Raises ModelError for an unknown config and LayerSpecError (the trainer's
+    message) for a spec that does not fit the model.
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be positive (got {batch_size}, {seq_len})")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0 (got {beta})")
+    dtype = _normalize_dtype(dtype)
+    w = DTYPE_BYTES[dtype]
+    opt_per_param = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if dtype != "fp32" else 0)
+    config, source = resolve_config(model_config)
+    shape = block_shape(config)
+    model = meta_model(config)
+    common = dict(shape=shape, w=w, opt_per_param=opt_per_param, tokens=batch_size * seq_len, beta=beta,
+                  block_path=block_path)
+
+    # The trainer's call (train/loop.py): `all` also trains everything outside the blocks.
+    full_sel = select_layers(model, "all", block_path=block_path, train_non_block=True)
+    full = _entry(model, full_sel, spec="all", **common)
+    sel = select_layers(model, layers, block_path=block_path, train_embeddings=train_embeddings,
+                        train_lm_head=train_lm_head, train_non_block=layers.strip().lower() == "all")
+    selected = _entry(model, sel, spec=layers, **common)
+
+    a_block = activation_elements_per_token_per_block(shape)
+    master = " + fp32 master weights (4 bytes)" if dtype != "fp32" else " (weights already fp32: no master copy)"
+    return {
+        "model_config": str(model_config),
+        "config_source": source,
+        "architecture": type(model).__name__,
+        "layers": layers,
+        "num_layers": sel.num_layers,
+        "block_path": sel.block_path,
+        "non_embedding_params": non_embedding_params(model),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "beta": beta,
+        "full": full,
+        "selected": selected,
+        "total_ratio": selected["total_bytes"] / full["total_bytes"] if full["total_bytes"] else None,
+        "assumptions": {
+            "weights": f"every parameter resident at {dtype} ({w} bytes); gradients at {dtype} for trainable "
+                       "parameters only; a tied embedding/head tensor counts once",
+            "optimizer": f"AdamW: exp_avg + exp_avg_sq in fp32 (8 bytes per trainable parameter){master}",
+            "optimizer_bytes_per_trainable_param": opt_per_param,
+            "activations": f"micro-batch {batch_size} x {seq_len} tokens; blocks from the lowest trainable one "
+                           f"upward save a_block = 4h + 3q + 3kv + 4i = {a_block} elements per token at {dtype} "
+                           "(Llama/Qwen-style block, SDPA/flash attention, no checkpointing); plus fp32 logits "
+                           "(batch x seq_len x vocab x 4 bytes) when anything trains",
+            "activation_bytes_per_token_per_block": a_block * w,
+            "reference": "beta > 0: one copy of the trainable tensors at the weights dtype (copy_trainable)",
+            "kv_cache": "rollout KV cache for the same batch x seq_len at the weights dtype; reported, not in "
+                        "total_bytes (rollout and backward do not overlap)",
+            "not_counted": "CUDA context, allocator fragmentation, backward temporaries, rollout logits",
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Human-readable table
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _blocks(indices: list[int], num_layers: int) -> str:
+    from onelayer.models.layers import describe_layers
+
+    label = describe_layers(indices, num_layers)
+    return f"0-{num_layers - 1}" if label == "all" else label.removeprefix("L")
+
+
+def format_plan(plan: dict) -> str:
+    """A compact table: one row per memory term, GiB with two decimals, full vs selected."""
+    full, sel = plan["full"], plan["selected"]
+    n = plan["num_layers"]
+    master = " + fp32 master" if plan["dtype"] != "fp32" else ""
+    lines = [
+        f"{plan['model_config']}: {plan['architecture']}, {n} blocks, {_count(full['total_params'])} parameters "
+        f"({_count(plan['non_embedding_params'])} non-embedding)",
+        f"weights {plan['dtype']}, AdamW fp32 states{master}, micro-batch {plan['batch_size']} x {plan['seq_len']} "
+        f"tokens, beta {plan['beta']:g}",
+        "",
+        f"{'':<22}{'full (all)':>14}{'selected':>14}",
+        f"{'layers':<22}{'all':>14}{sel['layers']:>14}",
+        f"{'blocks':<22}{_blocks(full['layer_indices'], n):>14}{_blocks(sel['layer_indices'], n):>14}",
+        f"{'trainable params':<22}{_count(full['trainable_params']):>14}{_count(sel['trainable_params']):>14}",
+    ]
+    rows = (("parameters", "param_bytes"), ("gradients", "grad_bytes"), ("optimizer", "optimizer_bytes"),
+            ("activations", "activation_bytes"), ("reference (beta>0)", "reference_bytes"), ("total", "total_bytes"),
+            ("kv cache (rollout)", "kv_cache_bytes"))  # the KV cache is reported, not part of the total
+    for label, key in rows:
+        lines.append(f"{label + ' GiB':<22}{full[key] / GIB:>14.2f}{sel[key] / GIB:>14.2f}")
+    if plan["total_ratio"] is not None:
+        lines.append(f"selected / full total: {plan['total_ratio']:.1%}")
+    return "\n".join(lines)

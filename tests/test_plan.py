@@ -1,0 +1,203 @@
+"""`onelayer plan`: meta-device memory plans for full vs selected-layer training."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from onelayer.cli import main
+from onelayer.models import ModelError, build_tiny
+from onelayer.models.layers import LayerSpecError, find_blocks, select_layers
+from onelayer.models.plan import (
+    activation_elements_per_token_per_block,
+    block_shape,
+    meta_model,
+    plan_memory,
+    resolve_config,
+    shipped_configs,
+)
+
+# Published totals from the model cards: (parameters, non-embedding parameters).
+PUBLISHED = {
+    "qwen3-0.6b": (0.6e9, 0.44e9),
+    "qwen3-1.7b": (1.7e9, 1.4e9),
+    "qwen3-4b": (4.0e9, 3.6e9),
+    "qwen3-8b": (8.2e9, 6.95e9),
+    "qwen2.5-1.5b": (1.54e9, 1.31e9),
+    "qwen2.5-7b": (7.61e9, 6.53e9),
+}
+ENTRY_KEYS = {"total_params", "trainable_params", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
+              "kv_cache_bytes", "reference_bytes", "total_bytes", "layer_indices"}
+
+
+def test_every_published_model_is_shipped():
+    assert set(shipped_configs()) == set(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_configs_match_published_parameter_counts(name):
+    plan = plan_memory(name, "all")
+    total, non_embedding = PUBLISHED[name]
+    assert plan["full"]["total_params"] == pytest.approx(total, rel=0.02)
+    assert plan["non_embedding_params"] == pytest.approx(non_embedding, rel=0.02)
+    assert plan["selected"] == plan["full"]
+
+
+def test_tied_embeddings_count_once():
+    plan = plan_memory("qwen3-0.6b", "all")  # tie_word_embeddings: true
+    cfg, _ = resolve_config("qwen3-0.6b")
+    assert plan["full"]["total_params"] == plan["non_embedding_params"] + cfg.vocab_size * cfg.hidden_size
+    untied = plan_memory("qwen3-8b", "all")
+    cfg8, _ = resolve_config("qwen3-8b")
+    assert untied["full"]["total_params"] == untied["non_embedding_params"] + 2 * cfg8.vocab_size * cfg8.hidden_size
+
+
+def test_plan_has_full_and_selected_with_optimizer_bytes():
+    plan = plan_memory("qwen3-1.7b", "middle:1")
+    assert {"model_config", "layers", "num_layers", "full", "selected", "assumptions", "total_ratio"} <= set(plan)
+    for key in ("full", "selected"):
+        assert ENTRY_KEYS <= set(plan[key])
+        assert plan[key]["optimizer_bytes"] > 0
+        assert plan[key]["total_bytes"] == sum(plan[key][k] for k in (
+            "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "reference_bytes"))
+    assert plan["num_layers"] == 28 and plan["selected"]["layer_indices"] == [13]
+    assert plan["full"]["layer_indices"] == list(range(28))
+    assert "master weights" in plan["assumptions"]["optimizer"]
+    assert plan["total_ratio"] == pytest.approx(plan["selected"]["total_bytes"] / plan["full"]["total_bytes"])
+
+
+@pytest.mark.parametrize("dtype,per_param", [("bf16", 12), ("fp32", 8)])
+def test_middle_one_optimizer_is_one_block(dtype, per_param):
+    plan = plan_memory("qwen3-8b", "middle:1", dtype=dtype)
+    model = meta_model(resolve_config("qwen3-8b")[0])
+    _, blocks = find_blocks(model)
+    block_params = sum(p.numel() for p in blocks[17].parameters())
+    sel, full = plan["selected"], plan["full"]
+    assert sel["layer_indices"] == [17]
+    assert sel["trainable_params"] == block_params
+    assert sel["optimizer_bytes"] == per_param * block_params
+    assert full["optimizer_bytes"] == per_param * full["total_params"]
+    assert sel["optimizer_bytes"] < 0.05 * full["optimizer_bytes"]
+    # frozen weights stay resident; gradients exist only for the block
+    assert sel["param_bytes"] == full["param_bytes"]
+    assert sel["grad_bytes"] == block_params * (4 if dtype == "fp32" else 2)
+
+
+def test_activations_start_at_the_lowest_trainable_block():
+    full = plan_memory("qwen3-4b", "all", batch_size=2, seq_len=256)
+    middle = plan_memory("qwen3-4b", "middle:1", batch_size=2, seq_len=256)
+    first = plan_memory("qwen3-4b", "0,-1", batch_size=2, seq_len=256)
+    nothing = plan_memory("qwen3-4b", "none", batch_size=2, seq_len=256)
+    assert middle["selected"]["lowest_trainable_block"] == 17
+    assert middle["selected"]["activation_bytes"] < middle["full"]["activation_bytes"]
+    assert first["selected"]["activation_bytes"] == full["full"]["activation_bytes"]  # block 0 trains
+    assert nothing["selected"]["activation_bytes"] == 0 and nothing["selected"]["optimizer_bytes"] == 0
+    # the difference between full and middle:1 is exactly the 17 blocks below block 17
+    shape = block_shape(resolve_config("qwen3-4b")[0])
+    per_block = 2 * 256 * activation_elements_per_token_per_block(shape) * 2
+    assert middle["full"]["activation_bytes"] - middle["selected"]["activation_bytes"] == 17 * per_block
+
+
+def test_embeddings_and_head_options_follow_the_trainer():
+    emb = plan_memory("qwen3-0.6b", "middle:1", train_embeddings=True)
+    assert emb["selected"]["lowest_trainable_block"] == 0  # gradients must reach the embeddings
+    head = plan_memory("qwen3-8b", "none", train_lm_head=True)
+    assert head["selected"]["lowest_trainable_block"] == 36 and head["selected"]["layer_indices"] == []
+    assert head["selected"]["trainable_params"] == 151936 * 4096
+
+
+def test_beta_adds_a_reference_copy_of_trainable_tensors():
+    plan = plan_memory("qwen2.5-1.5b", "3-4", beta=0.04)
+    assert plan["selected"]["reference_bytes"] == 2 * plan["selected"]["trainable_params"]
+    assert plan_memory("qwen2.5-1.5b", "3-4")["selected"]["reference_bytes"] == 0
+
+
+def test_plans_on_meta_without_memory():
+    plan_memory("qwen3-0.6b", "1")  # warm the imports
+    start = time.perf_counter()
+    plan = plan_memory("qwen3-8b", "middle:1")
+    assert time.perf_counter() - start < 5
+    assert plan["full"]["total_params"] > 8e9
+    model = meta_model(resolve_config("qwen3-8b")[0])
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {b.device.type for b in model.buffers()} <= {"meta"}
+
+
+def test_config_json_path_and_directory(tmp_path):
+    shutil.copy(shipped_configs()["qwen3-0.6b"], tmp_path / "config.json")
+    by_name = plan_memory("QWEN3-0.6B", "2-5")
+    assert plan_memory(str(tmp_path / "config.json"), "2-5")["selected"] == by_name["selected"]
+    assert plan_memory(str(tmp_path), "2-5")["full"] == by_name["full"]
+    assert plan_memory("Qwen/Qwen3-0.6B", "2-5")["full"] == by_name["full"]
+
+
+def test_tiny_builtin_matches_the_real_model():
+    plan = plan_memory("tiny-qwen3", "3")
+    model, _ = build_tiny("tiny-qwen3")
+    sel = select_layers(model, "3")
+    assert plan["selected"]["trainable_params"] == sel.trainable_params
+    assert plan["full"]["total_params"] == sel.total_params
+
+
+def test_activation_estimate_is_close_to_autograd():
+    """The per-block formula against the tensors autograd really saves (tiny-qwen3, fp32, CPU)."""
+    model, _ = build_tiny("tiny-qwen3")
+    ids = torch.randint(3, 90, (2, 64))
+
+    def saved_bytes(spec):
+        select_layers(model, spec, train_non_block=spec == "all")
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).mean()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+    for spec in ("all", "3", "7"):
+        plan = plan_memory("tiny-qwen3", spec, dtype="fp32", batch_size=2, seq_len=64)
+        estimate = plan["selected"]["activation_bytes"]
+        assert estimate == pytest.approx(saved_bytes(spec), rel=0.35), spec
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model-config", "qwen3-8b", "--layers", "middle:1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer GiB" in text and "selected / full total" in text
+    plan = json.loads(out.read_text())
+    assert {"model_config", "layers", "full", "selected", "assumptions"} <= set(plan)
+    assert plan["model_config"] == "qwen3-8b" and plan["layers"] == "middle:1"
+    assert ENTRY_KEYS <= set(plan["full"]) and ENTRY_KEYS <= set(plan["selected"])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_unknown_config_is_a_one_line_error(capsys):
+    assert main(["plan", "--model-config", "qwen9-1b", "--layers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "qwen9-1b" in err
+    assert all(name in err for name in PUBLISHED)
+    with pytest.raises(ModelError):
+        resolve_config("qwen9-1b")
+
+
+def test_cli_out_of_range_layer_matches_the_trainer(capsys):
+    model, _ = build_tiny("tiny-qwen3")
+    with pytest.raises(LayerSpecError) as trainer_error:
+        select_layers(model, "9", train_non_block=False)  # the trainer's call
+    assert main(["plan", "--model-config", "tiny-qwen3", "--layers", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"onelayer: error: {trainer_error.value}"
+    assert main(["plan", "--model-config", "qwen3-8b", "--layers", "36"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "36 layers" in err
+
+
+def test_cli_rejects_bad_sizes(capsys):
+    assert main(["plan", "--model-config", "qwen3-0.6b", "--layers", "1", "--seq-len", "0"]) == 2
+    assert "--seq-len" in capsys.readouterr().err
