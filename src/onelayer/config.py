@@ -46,6 +46,8 @@ class TrainConfig:
     epsilon: float = _f(0.2, "PPO clip range (lower, and upper unless epsilon_high is set)")
     epsilon_high: float | None = _f(None, "upper clip range (DAPO clip-higher); defaults to epsilon")
     num_iterations: int = _f(1, "update passes over each batch of rollouts")
+    prefix_reuse: bool = _f(True, "when blocks below the lowest trainable one are frozen, compute their output once "
+                                  "per batch (captured during the rollout) and start later forwards there")
     balance_episodes: bool = _f(True, "agent tasks: weight each turn by 1/(its episode's length) so every episode "
                                       "counts equally in the loss (no effect on single-turn tasks)")
     # rollout

@@ -34,7 +34,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_logprobs"]
+from onelayer.models import prefix
+from onelayer.rollout.lean import LeanDecoder, lean_available, lean_sequence_logprobs
+
+__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_block_input", "sequence_logprobs"]
 
 
 @dataclass
@@ -53,6 +56,10 @@ class RolloutBatch:
     logprobs: torch.Tensor  # FloatTensor[B, T]: log_softmax(logits / temperature) of sampled tokens; 0 off-mask
     completion_lengths: torch.Tensor  # LongTensor[B]
     prompt_index: torch.Tensor  # LongTensor[B]: which input prompt each row came from
+    # hidden states entering block `block_index` at every position (frozen-prefix reuse); zeros at positions
+    # never fed to the model (the last sampled token, a dropped row's padding). None unless asked for.
+    block_input: torch.Tensor | None = None  # FloatTensor[B, P+T, H]
+    block_index: int | None = None
 
     @property
     def num_generations(self) -> int:
@@ -178,84 +185,165 @@ def _decode_attention_kernel(device: torch.device):
     return sdpa_kernel(SDPBackend.MATH)
 
 
+class _HFStepper:
+    """Prefill and decode steps through the model's own forward with a transformers cache (any causal LM).
+
+    With `capture` (a block index), a forward pre-hook on that block records the hidden states entering it."""
+
+    def __init__(self, model, pmask: torch.Tensor, G: int, T: int, capture: int | None, block_path: str | None):
+        self.model = model
+        self.cache_kw, has_ltk = _forward_kwargs(model)
+        self.ltk = {"logits_to_keep": 1} if has_ltk else {}
+        N, P = pmask.shape
+        self.P = P
+        # While decoding every completion slot counts as visible: a finished row's later tokens only feed
+        # that row's own (discarded) outputs.
+        full_mask = torch.cat([pmask, pmask.new_ones(N, T)], 1)
+        mask4d = _mask_4d(full_mask, 0, model)  # [N, 1, L, L], built once and sliced per step
+        self.cache = _static_cache(model, P + T) if mask4d is not None else None
+        if self.cache is not None:  # queries attend over all L slots; the mask hides the ones not written yet
+            self.prefill_mask, self.step_masks = mask4d[:, :, :P], mask4d[:, :, P:].repeat_interleave(G, 0)
+        else:  # the model builds its own mask from the 2-D one each step
+            self.cache = _dynamic_cache(model)
+            self.prefill_mask, self.step_masks = pmask, full_mask.repeat_interleave(G, 0)
+        self.static = self.prefill_mask.dim() == 4
+        self.captured, self._hook, self._last = None, None, None
+        if capture is not None:
+            from onelayer.models.layers import find_blocks
+
+            block = find_blocks(model, block_path)[1][capture]
+            self._hook = block.register_forward_pre_hook(self._record, with_kwargs=True)
+            dtype = next(model.parameters()).dtype
+            self.captured = torch.zeros(N * G, P + T, model.config.hidden_size, dtype=dtype, device=pmask.device)
+
+    def _record(self, module, args, kwargs):
+        self._last = args[0] if args else kwargs["hidden_states"]
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+
+    def _forward(self, ids, mask, positions):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kw: self.cache}, **self.ltk)
+        return out.logits[:, -1]
+
+    def prefill(self, ids, pmask):
+        logits = self._forward(ids, self.prefill_mask, _position_ids(pmask))
+        if self.captured is not None:
+            self.captured[: ids.shape[0], : self.P] = self._last
+        return logits
+
+    def expand(self, G: int, N: int) -> None:
+        index = torch.arange(N, device=self.step_masks.device).repeat_interleave(G)
+        _select_cache_rows(self.cache, index)
+        if self.captured is not None:
+            self.captured[:, : self.P] = self.captured[:N, : self.P].index_select(0, index)
+
+    def keep(self, index: torch.Tensor) -> None:
+        _select_cache_rows(self.cache, index)
+        self.step_masks = self.step_masks[index]
+
+    def decode(self, tok, positions, t: int, rows):
+        step_mask = self.step_masks[:, :, t : t + 1] if self.static else self.step_masks[:, : self.P + t + 1]
+        logits = self._forward(tok[:, None], step_mask, positions)
+        if self.captured is not None:
+            self.captured[rows, self.P + t] = self._last[:, 0]
+        return logits
+
+
+class _LeanStepper:
+    """The same steps through `onelayer.rollout.lean.LeanDecoder` (Llama-family models, verified)."""
+
+    def __init__(self, model, pmask: torch.Tensor, G: int, T: int, capture: int | None, block_path: str | None):
+        N, P = pmask.shape
+        self.P = P
+        self.dec = LeanDecoder(model, N * G, P + T, capture)
+        self.captured = self.dec.captured
+        L = P + T
+        q = torch.arange(P, device=pmask.device)[:, None]
+        k = torch.arange(P, device=pmask.device)[None, :]
+        self.prefill_mask = (((k <= q) & pmask.bool()[:, None, None, :]) | (k == q))  # [N, 1, P, P]
+        # decode: a query sees every written slot except left padding; no padding, no mask needed
+        self.step_mask = None if bool(pmask.all()) else torch.cat(
+            [pmask.bool(), pmask.new_ones(N, T, dtype=torch.bool)], 1).repeat_interleave(G, 0)[:, None, None, :L]
+
+    def close(self) -> None:
+        pass
+
+    def prefill(self, ids, pmask):
+        return self.dec.forward(ids, _position_ids(pmask), 0, self.prefill_mask)
+
+    def expand(self, G: int, N: int) -> None:
+        index = torch.arange(N, device=self.prefill_mask.device).repeat_interleave(G)
+        self.dec.repeat_rows(index)
+        if self.captured is not None:
+            self.captured[:, : self.P] = self.captured[:N, : self.P].index_select(0, index)
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.dec.repeat_rows(index)
+        if self.step_mask is not None:
+            self.step_mask = self.step_mask[index]
+
+    def decode(self, tok, positions, t: int, rows):
+        end = self.P + t + 1
+        mask = None if self.step_mask is None else self.step_mask[..., :end]
+        return self.dec.forward(tok[:, None], positions, self.P + t, mask, rows=rows)
+
+
 @torch.inference_mode()
-def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id, generator):
+def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id, generator,
+            capture=None, block_path=None, lean=True):
     device = next(model.parameters()).device
-    cache_kw, has_ltk = _forward_kwargs(model)
-    ltk = {"logits_to_keep": 1} if has_ltk else {}
     eos = -1 if eos_id is None else int(eos_id)
 
     ids, pmask = left_pad(prompts, pad_id)
     ids, pmask = ids.to(device), pmask.to(device)
     N, P = ids.shape
-    B, T, L = N * G, max_new_tokens, P + max_new_tokens
-    # While decoding every completion slot counts as visible: a finished row's later tokens only feed
-    # that row's own (discarded) outputs.
-    full_mask = torch.cat([pmask, pmask.new_ones(N, T)], 1)
-    mask4d = _mask_4d(full_mask, 0, model)  # [N, 1, L, L], built once and sliced per step
-    cache = _static_cache(model, L) if mask4d is not None else None
-    if cache is not None:  # queries attend over all L slots; the mask hides the ones not written yet
-        prefill_mask, step_masks = mask4d[:, :, :P], mask4d[:, :, P:].repeat_interleave(G, 0)
-    else:  # the model builds its own mask from the 2-D one each step
-        cache = _dynamic_cache(model)
-        prefill_mask, step_masks = pmask, full_mask.repeat_interleave(G, 0)
-    static = prefill_mask.dim() == 4
+    B, T = N * G, max_new_tokens
+    stepper_cls = _LeanStepper if lean and lean_available(model) else _HFStepper
+    stepper = stepper_cls(model, pmask, G, T, capture, block_path)
+    try:
+        # Prefill each distinct prompt once, then repeat its cache G times.
+        logits = stepper.prefill(ids, pmask)
+        if G > 1:
+            stepper.expand(G, N)
+            logits = logits.repeat_interleave(G, 0)
+        pos = pmask.sum(1, keepdim=True).repeat_interleave(G, 0)  # position of the first completion token
 
-    # Prefill each distinct prompt once, then repeat its cache G times.
-    out = model(
-        input_ids=ids,
-        attention_mask=prefill_mask,
-        position_ids=_position_ids(pmask),
-        use_cache=True,
-        **{cache_kw: cache},
-        **ltk,
-    )
-    logits = out.logits[:, -1]
-    if G > 1:
-        _select_cache_rows(cache, torch.arange(N, device=device).repeat_interleave(G))
-        logits = logits.repeat_interleave(G, 0)
-    pos = pmask.sum(1, keepdim=True).repeat_interleave(G, 0)  # position of the first completion token
-
-    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    logps = torch.zeros((B, T), dtype=torch.float32, device=device)
-    cmask = torch.zeros((B, T), dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device)  # original row of each row still in the batch (and the cache)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    check_every = 1 if device.type == "cpu" else 4  # .item() is free on CPU, a sync on GPU
-    steps = 0
-    with _decode_attention_kernel(device):
-        for t in range(T):
-            tok, lp = _next_tokens(logits, temperature, top_p, greedy, generator)
-            tok = tok.masked_fill(finished, pad_id)
-            tokens[rows, t] = tok
-            logps[rows, t] = lp.masked_fill(finished, 0.0)
-            cmask[rows, t] = ~finished
-            finished = finished | (tok == eos)
-            steps = t + 1
-            if t == T - 1:
-                break
-            if eos >= 0 and (t + 1) % check_every == 0:
-                n_done = int(finished.sum())
-                if n_done == len(rows):
+        tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((B, T), dtype=torch.float32, device=device)
+        cmask = torch.zeros((B, T), dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # original row of each row still in the batch (and the cache)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        check_every = 1 if device.type == "cpu" else 4  # .item() is free on CPU, a sync on GPU
+        steps = 0
+        with _decode_attention_kernel(device):
+            for t in range(T):
+                tok, lp = _next_tokens(logits, temperature, top_p, greedy, generator)
+                tok = tok.masked_fill(finished, pad_id)
+                tokens[rows, t] = tok
+                logps[rows, t] = lp.masked_fill(finished, 0.0)
+                cmask[rows, t] = ~finished
+                finished = finished | (tok == eos)
+                steps = t + 1
+                if t == T - 1:
                     break
-                # Drop finished rows once they are a sizeable share of the batch: less attention and MLP work.
-                if n_done * 4 >= len(rows):
-                    keep = (~finished).nonzero().squeeze(-1)
-                    _select_cache_rows(cache, keep)
-                    rows, tok, finished = rows[keep], tok[keep], finished[keep]
-                    pos, step_masks = pos[keep], step_masks[keep]
-            step_mask = step_masks[:, :, t : t + 1] if static else step_masks[:, : P + t + 1]
-            out = model(
-                input_ids=tok[:, None],
-                attention_mask=step_mask,
-                position_ids=pos + t,
-                use_cache=True,
-                **{cache_kw: cache},
-                **ltk,
-            )
-            logits = out.logits[:, -1]
+                if eos >= 0 and (t + 1) % check_every == 0:
+                    n_done = int(finished.sum())
+                    if n_done == len(rows):
+                        break
+                    # Drop finished rows once they are a sizeable share of the batch: less attention and MLP work.
+                    if n_done * 4 >= len(rows):
+                        keep = (~finished).nonzero().squeeze(-1)
+                        stepper.keep(keep)
+                        rows, tok, finished, pos = rows[keep], tok[keep], finished[keep], pos[keep]
+                logits = stepper.decode(tok, pos + t, t, rows)
+    finally:
+        stepper.close()
 
     tokens, logps, cmask = tokens[:, :steps], logps[:, :steps], cmask[:, :steps]
+    captured = None if stepper.captured is None else stepper.captured[:, : P + steps]
     return RolloutBatch(
         input_ids=torch.cat([ids.repeat_interleave(G, 0), tokens], 1),
         attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask.long()], 1),
@@ -265,6 +353,8 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
         logprobs=logps,
         completion_lengths=cmask.sum(1),
         prompt_index=torch.arange(N, device=device).repeat_interleave(G),
+        block_input=captured,
+        block_index=capture,
     )
 
 
@@ -280,6 +370,9 @@ def sample(
     eos_id: int | None,
     pad_id: int,
     generator: torch.Generator | None = None,
+    capture_block: int | None = None,
+    block_path: str | None = None,
+    lean: bool = True,
 ) -> RolloutBatch:
     """Sample `num_generations` completions for each prompt (token-id lists) with a KV cache.
 
@@ -287,6 +380,10 @@ def sample(
     early. Finished rows are padded with `pad_id` and masked. Sampling is temperature + nucleus (top-p);
     `greedy=True` takes the argmax and reports log-probs at temperature 1. Pass a seeded `generator` (on the
     model's device) for reproducible samples. The model runs in eval mode and its training flag is restored.
+
+    `capture_block=l` also returns the hidden states entering decoder block l (`block_input`, for
+    frozen-prefix reuse; `block_path` locates the blocks if discovery needs help). `lean=False` forces the
+    model's own forward even where `onelayer.rollout.lean` supports the architecture.
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -300,7 +397,8 @@ def sample(
     model.eval()
     try:
         batch = _sample(
-            model, prompts, num_generations, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id, generator
+            model, prompts, num_generations, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id, generator,
+            capture_block, block_path, lean,
         )
     finally:
         model.train(was_training)
@@ -311,6 +409,20 @@ def sample(
     )
 
 
+def _sequence_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Model inputs for whole sequences, with the rollout's mask and position conventions."""
+    mask4d = _mask_4d(attention_mask, 0, model)
+    return {"input_ids": input_ids, "attention_mask": attention_mask if mask4d is None else mask4d,
+            "position_ids": _position_ids(attention_mask)}
+
+
+def sequence_block_input(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_index: int,
+                         block_path: str | None = None) -> torch.Tensor:
+    """The hidden states entering block `block_index` for whole sequences, as `sequence_logprobs` computes
+    them (no grad): for frozen-prefix reuse when the rollout did not capture them (e.g. multi-turn episodes)."""
+    return prefix.block_input(model, block_index, block_path=block_path, **_sequence_inputs(model, input_ids, attention_mask))
+
+
 def sequence_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -318,25 +430,36 @@ def sequence_logprobs(
     prompt_len: int,
     *,
     temperature: float = 1.0,
+    block_input: torch.Tensor | None = None,
+    block_index: int | None = None,
+    block_path: str | None = None,
+    prompt_index: torch.Tensor | None = None,
+    lean: bool = True,
 ) -> torch.Tensor:
     """Log-probs of tokens ``input_ids[:, prompt_len:]`` under ``log_softmax(logits / temperature)``.
 
     One full forward (differentiable; gradients flow to whatever parameters require them). Only the logits
     that predict completion tokens are computed, and each log-prob is taken as gathered logit − logsumexp,
     without materialising a [B, T, V] log-softmax. Returns FloatTensor[B, T], 0 where attention_mask is 0.
+
+    With ``block_input`` (the hidden states entering block ``block_index``, e.g. captured by ``sample``),
+    the forward starts at that block (frozen-prefix reuse, ``onelayer.models.prefix``).
+
+    For Llama-family models (``onelayer.rollout.lean``, unless ``lean=False``) the forward runs on the
+    model's parameters directly and rows with the same ``prompt_index`` compute their shared prompt once.
     """
     T = input_ids.shape[1] - prompt_len
     if T <= 0:
         return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.float32)
+    if lean and (block_path is None or block_input is None) and lean_available(model):
+        return lean_sequence_logprobs(model, input_ids, attention_mask, prompt_len, prompt_index,
+                                      temperature=temperature, block_input=block_input, block_index=block_index)
     _, has_ltk = _forward_kwargs(model)
-    mask4d = _mask_4d(attention_mask, 0, model)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask if mask4d is None else mask4d,
-        position_ids=_position_ids(attention_mask),
-        use_cache=False,
-        **({"logits_to_keep": T + 1} if has_ltk else {}),
-    )
+    start = contextlib.nullcontext() if block_input is None else prefix.start_at_block(
+        model, block_index, block_input, block_path)
+    with start:
+        out = model(**_sequence_inputs(model, input_ids, attention_mask), use_cache=False,
+                    **({"logits_to_keep": T + 1} if has_ltk else {}))
     # Logits at positions P-1 .. P+T-2 predict tokens P .. P+T-1.
     logits = out.logits[:, -(T + 1) : -1].float()
     if temperature != 1.0:

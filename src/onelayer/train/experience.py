@@ -30,7 +30,10 @@ class Experience:
 
 
 def collect(model, tok, task, items: list[dict], *, num_generations: int, max_new_tokens: int, temperature: float,
-            top_p: float, generator: torch.Generator) -> Experience:
+            top_p: float, generator: torch.Generator, capture_block: int | None = None,
+            block_path: str | None = None) -> Experience:
+    """Sample and score one step's experience. `capture_block`: also keep the hidden states entering that
+    block (frozen-prefix reuse; single-turn rollouts capture them while sampling, episodes do not)."""
     t0 = time.perf_counter()
     if getattr(task, "is_agent", False):
         eps = play(model, tok, task, [it["seed"] for it in items], num_generations=num_generations,
@@ -43,7 +46,8 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
         return Experience(eps.batch, eps.step_rewards, eps.traj_ids, eps.group_ids, eps.anchors, metrics)
     batch = sample(model, encode_prompts(tok, [it["prompt"] for it in items]), num_generations=num_generations,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
+                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator,
+                   capture_block=capture_block, block_path=block_path)
     t1 = time.perf_counter()
     completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
     group = batch.prompt_index.cpu()

@@ -27,14 +27,15 @@ from onelayer.models.layers import (
 )
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
-from onelayer.rollout import sequence_logprobs
+from onelayer.models.prefix import reuse_block
+from onelayer.rollout import sequence_block_input, sequence_logprobs
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
 from onelayer.train.setup import load_model, resolve_device, setup_torch, with_task_defaults
 
-# Settings that may differ when a killed run is resumed (they do not change the result).
-RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device"}
+# Settings that may differ when a killed run is resumed (they do not change the result beyond float rounding).
+RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device", "prefix_reuse"}
 
 
 class TrainingError(RuntimeError):
@@ -68,6 +69,11 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         f"({selection.trainable_params / selection.total_params:.1%})")
     fingerprint = fingerprint_frozen(model)
     ref_weights = copy_trainable(model) if cfg.beta > 0 else None  # one copy of the trainable blocks only
+    # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
+    # are computed once per batch (captured during the rollout) and every later forward starts at block l
+    reuse_at = reuse_block(model, cfg.block_path) if cfg.prefix_reuse else None
+    if reuse_at is not None:
+        log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
 
@@ -102,16 +108,27 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the
             # behaviour log-probs for the ratio, then advantages
             exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations, max_new_tokens=max_new,
-                          temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+                          temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, capture_block=reuse_at,
+                          block_path=cfg.block_path)
             batch = exp.batch
             advantages = step_advantages(exp, preset, scale, cfg.balance_episodes).to(device)
             t2 = time.perf_counter()
 
+            # log-probs: the frozen prefix's output (unless the rollout captured it), then the reference's
+            hidden = batch.block_input
+            if reuse_at is not None and hidden is None:
+                hidden = sequence_block_input(model, batch.input_ids, batch.attention_mask, reuse_at, cfg.block_path)
+
+            def logprobs(idx):
+                start = {} if reuse_at is None else {"block_input": hidden[idx], "block_index": reuse_at,
+                                                     "block_path": cfg.block_path}
+                return sequence_logprobs(model, batch.input_ids[idx], batch.attention_mask[idx], batch.prompt_len,
+                                         temperature=cfg.temperature, prompt_index=batch.prompt_index[idx], **start)
+
             ref_logp = None
             if ref_weights is not None:
                 with torch.no_grad(), swap_weights(model, ref_weights):
-                    ref_logp = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len,
-                                                 temperature=cfg.temperature)
+                    ref_logp = logprobs(slice(None))
             t3 = time.perf_counter()
 
             # update: num_iterations passes of clipped policy gradient over minibatches
@@ -122,8 +139,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             updates, grad_norm = 0, 0.0
             for _ in range(cfg.num_iterations):
                 for idx in torch.randperm(n, generator=gen).split(mb):
-                    logp = sequence_logprobs(model, batch.input_ids[idx], batch.attention_mask[idx], batch.prompt_len,
-                                             temperature=cfg.temperature)
+                    logp = logprobs(idx)
                     loss, stats = policy_loss(
                         logp, batch.logprobs[idx], advantages[idx], batch.completion_mask[idx],
                         clip_eps=cfg.epsilon, clip_eps_high=cfg.epsilon_high, beta=cfg.beta, agg=loss_agg,
@@ -154,7 +170,8 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
                 **{k: v / updates for k, v in stats_sum.items()},
                 "grad_norm": grad_norm / updates,
                 "completion_len": batch.completion_lengths.float().mean().item(),
-                "seconds": t4 - t0, "ref_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": elapsed,
+                "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": elapsed,
+                "optimizer_bytes": _state_bytes(optimizer),
             }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 metrics["eval_score"] = _mean(evaluate())
@@ -226,6 +243,11 @@ def _cached(path: Path, compute):
     scores = compute()
     atomic_write_json(path, {"item_scores": scores})
     return scores
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes held by the optimizer's state (AdamW: two moments per trainable tensor)."""
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
 
 
 def _mean(xs) -> float:

@@ -1,0 +1,412 @@
+"""`onelayer bench`: onelayer's RL step against TRL's `GRPOTrainer` on identical settings, and a FLOP floor.
+
+For each model (default: the built-in tiny Qwen3, hidden 128 x 8 blocks, and `tiny-qwen3-large`, hidden
+256 x 12) and each trainable set (all parameters; the single middle block), both tools train the *same*
+randomly initialised weights (saved once to a temporary directory) for `warmup + steps` RL steps:
+16 prompts x G=4 completions of at most 24 new tokens, temperature 1, top-p 1, the same learning rate,
+beta 0, one update pass over the whole batch, GRPO loss and group-scaled advantages. The reward (share of
+digits in the completion) is the same function in both, so advantages are not all zero.
+
+Every (tool, model, layers) run is its own subprocess, so one run's allocator state, threads or peak
+memory cannot leak into the next; runs alternate between the tools. Times are medians over the steps
+after warm-up: onelayer's come from its own `metrics.jsonl` (per phase: rollout, reward, logprob,
+update), TRL's from a callback around each optimizer step (generation, reward, loss, backward, optimizer),
+which leaves TRL's between-step logging out of its time. Peak memory is the worker's peak resident set on
+CPU (`ru_maxrss`: process-wide, so it includes the interpreter and libraries, the same for every run) or
+`torch.cuda.max_memory_allocated` on GPU; optimizer-state bytes are summed over the optimizer's state
+tensors.
+
+The floor is the step's matrix-multiply FLOPs (rollout with a KV cache, forward and backward of the
+update; see `step_flops`) divided by the rate this machine measures for a 64 x H x I matmul, the shape of
+one decode step's MLP — what a step would take with no overhead at all at that rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3-large")
+LAYER_SETS = ("all", "middle:1")
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run (e.g. TRL missing); the message says how to fix it."""
+
+
+@dataclass
+class BenchSpec:
+    model: str = "tiny-qwen3"
+    layers: str = "all"
+    prompts: int = 16
+    num_generations: int = 4
+    max_new_tokens: int = 24
+    learning_rate: float = 1e-4
+    steps: int = 6
+    warmup: int = 2
+    threads: int | None = None
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- the reward
+
+
+def digit_share(completion: str) -> float:
+    """Share of characters in the completion that are digits (0 for an empty one): a cheap reward with spread."""
+    return sum(c.isdigit() for c in completion) / len(completion) if completion else 0.0
+
+
+def trl_digit_reward(prompts, completions, **_columns) -> list[float]:
+    """`digit_share` with TRL's reward-function signature."""
+    return [digit_share(c) for c in completions]
+
+
+def _register_bench_task() -> None:
+    """The arith prompts, scored by `digit_share`; a private task name only the benchmark uses."""
+    from onelayer import tasks
+    from onelayer.tasks.arith import ArithTask
+
+    class DigitShareTask(ArithTask):
+        name = "_bench_digits"
+
+        def score(self, item, completion):
+            return digit_share(completion)
+
+        def score_batch(self, items, completions):
+            return [digit_share(c) for c in completions]
+
+    if "_bench_digits" not in tasks.registered():
+        tasks.register("_bench_digits", DigitShareTask)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+
+def _shape(config) -> dict:
+    H = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or H // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return dict(H=H, I=config.intermediate_size, V=config.vocab_size, L=config.num_hidden_layers,
+                q=heads * head_dim, kv=kv * head_dim, heads=heads, head_dim=head_dim)
+
+
+def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_tokens: int,
+               lowest_trainable: int, trainable_blocks: int, train_head: bool) -> dict:
+    """Matrix-multiply FLOPs (2 per multiply-add) of one RL step, by phase.
+
+    rollout: each distinct prompt prefilled once (left-padded to the longest), then one token per row for
+    `new_tokens - 1` decode steps against a KV cache, with the LM head on one position per row per step.
+    update: one forward over the whole batch (prompt + completion) from block `lowest_trainable` up (the
+    blocks below are frozen and their outputs known), the LM head on the completion positions, and the
+    backward: input gradients through every block above the lowest trainable one and through the head,
+    weight gradients for the trainable blocks (and the head when it trains). Norms, activations, softmax
+    and the optimizer are not matmuls and not counted.
+    """
+    s = _shape(config)
+    H, I, V, L = s["H"], s["I"], s["V"], s["L"]
+    linear = H * (s["q"] + 2 * s["kv"]) + s["q"] * H + 3 * H * I  # MACs per token per block
+    attn = lambda ctx: 2 * s["heads"] * s["head_dim"] * ctx  # noqa: E731 - QK^T and AV, MACs per token
+    N, G, T = len(prompt_lens), num_generations, new_tokens
+    P = max(prompt_lens)
+    B, S = N * G, P + T
+
+    prefill = N * P * L * linear + N * L * sum(attn(i + 1) for i in range(P)) + N * H * V
+    decode = B * sum(L * (linear + attn(P + t + 1)) + H * V for t in range(1, T))
+    rollout = prefill + decode
+
+    blocks_run = L - lowest_trainable
+    causal = sum(attn(i + 1) for i in range(S))  # attention MACs of one full causal sequence, one block
+    fwd = B * (S * blocks_run * linear + blocks_run * causal + T * H * V)
+    # backward: dX (and the attention backward, twice its forward) through the head and every block on the
+    # gradient path (the lowest trainable one and all above it), dW for the trainable blocks and the head
+    bwd_input = B * (T * H * V + S * blocks_run * linear + blocks_run * 2 * causal)
+    bwd_weight = B * (S * trainable_blocks * linear + (T * H * V if train_head else 0))
+    update = fwd + bwd_input + bwd_weight
+    return {"rollout": 2 * rollout, "update": 2 * update, "total": 2 * (rollout + update)}
+
+
+def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu") -> float:
+    """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    for _ in range(10):
+        a @ b
+    rates = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        rates.append(2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def _peak_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _optimizer_bytes(optimizer) -> int:
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t))
+
+
+def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
+    from onelayer.config import TrainConfig
+    from onelayer.io import read_jsonl
+    from onelayer.train.loop import run
+
+    _register_bench_task()
+    cfg = TrainConfig(
+        model=model_dir, task="_bench_digits", task_opts={"n_eval": spec.prompts}, layers=spec.layers,
+        warm_start=False, prompts_per_step=spec.prompts, num_generations=spec.num_generations,
+        max_completion_length=spec.max_new_tokens, learning_rate=spec.learning_rate, beta=0.0, num_iterations=1,
+        temperature=1.0, top_p=1.0, max_steps=spec.warmup + spec.steps, save_every=10**9, save_model=False,
+        progress=False, threads=spec.threads, seed=spec.seed, device=device,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        record = run(cfg, out, log=lambda *_: None)
+        rows = read_jsonl(Path(out) / "metrics.jsonl")[spec.warmup:]
+    phases = ("rollout_s", "reward_s", "logprob_s", "update_s")
+    return {
+        "step_s": [r["seconds"] for r in rows],
+        "phases_s": {p[:-2]: [r[p] for r in rows] for p in phases},
+        "completion_len": statistics.mean(r["completion_len"] for r in rows),
+        "optimizer_bytes": rows[-1]["optimizer_bytes"],
+        "trainable_params": record["trainable_params"],
+        "peak_memory_bytes": _peak_memory_bytes(device),
+    }
+
+
+def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
+    try:
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        raise BenchError(f"TRL is needed for the comparison ({e}); install it with pip install 'onelayer[bench]'") from None
+    from onelayer import tasks
+    from onelayer.models.layers import select_layers
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # the same selection rule as onelayer: `all` trains everything, a block spec only those blocks
+    sel = select_layers(model, spec.layers, train_non_block=spec.layers == "all")
+    n_steps = spec.warmup + spec.steps
+    items = tasks.make("arith", n_train=spec.prompts * n_steps, n_eval=1, seed=spec.seed).items("train")
+    data = Dataset.from_list([{"prompt": it["prompt"]} for it in items])
+
+    times: list[float] = []
+    lengths: list[float] = []
+    opt_bytes: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+            if optimizer is not None:
+                opt_bytes.append(_optimizer_bytes(optimizer))
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="onelayer-bench-trl-"), per_device_train_batch_size=spec.prompts * spec.num_generations,
+        num_generations=spec.num_generations, max_completion_length=spec.max_new_tokens,
+        learning_rate=spec.learning_rate, lr_scheduler_type="constant", beta=0.0, num_iterations=1,
+        loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
+        use_cpu=not device.startswith("cuda"), bf16=False, fp16=False, gradient_checkpointing=False,
+        max_steps=n_steps, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+        seed=spec.seed, dataloader_num_workers=0, log_completions=False, shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_digit_reward, args=args,
+                          train_dataset=data, callbacks=[Timer()])
+    orig = trainer._generate_and_score_completions
+
+    def record_lengths(*a, **kw):  # mean completion length per step, as onelayer logs it
+        out = orig(*a, **kw)
+        lengths.append(float(out["completion_mask"].sum(1).float().mean()))
+        return out
+
+    trainer._generate_and_score_completions = record_lengths
+    trainer.train()
+    return {
+        "step_s": times[spec.warmup:], "completion_len": statistics.mean(lengths[spec.warmup:]),
+        "optimizer_bytes": opt_bytes[-1] if opt_bytes else 0, "trainable_params": sel.trainable_params,
+        "peak_memory_bytes": _peak_memory_bytes(device),
+    }
+
+
+def _run_worker(tool: str, spec: BenchSpec, model_dir: str, device: str) -> dict:
+    """One (tool, model, layers) run in a fresh interpreter; returns its measurements."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    cmd = [sys.executable, "-m", "onelayer.bench", tool, json.dumps(asdict(spec)), model_dir, device, result_path]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            raise BenchError(f"the {tool} run ({spec.model}, layers {spec.layers}) failed: "
+                             f"{lines[-1] if lines else f'exit code {proc.returncode}'}")
+        return json.loads(Path(result_path).read_text())
+    finally:
+        Path(result_path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, device: str, with_trl: bool,
+                log=print) -> dict:
+    """Both layer sets of one model, both tools; returns the medians, ratios and floors."""
+    from onelayer.models import build_tiny
+    from onelayer.models.layers import select_layers
+    from onelayer import tasks
+
+    built, tok = build_tiny(model, seed=0)
+    sel = select_layers(built, "middle:1")
+    mid = sel.indices[0]
+    prompts = [it["prompt"] for it in tasks.make("arith", n_eval=1).items("train")[:16]]
+    prompt_lens = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+    s = _shape(built.config)
+    if threads:
+        torch.set_num_threads(threads)
+    rate = matmul_gflops(64, s["H"], s["I"], device=device)
+    result: dict = {"model": model, "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
+                    "matmul_shape": [64, s["H"], s["I"]], "matmul_gflops": round(rate, 1), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="onelayer-bench-") as model_dir:
+        built.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        for layers in LAYER_SETS:
+            spec = BenchSpec(model=model, layers=layers, steps=steps, warmup=warmup, threads=threads)
+            for tool in ("onelayer", "trl") if with_trl else ("onelayer",):
+                log(f"  {model} layers={layers}: {tool} ({warmup} warm-up + {steps} timed steps)")
+                result["runs"][f"{tool}/{layers}"] = _run_worker(tool, spec, model_dir, device)
+
+    runs = result["runs"]
+    med = {k: _median(r["step_s"]) for k, r in runs.items()}
+    phases = {k: {p: _median(v) for p, v in r["phases_s"].items()} for k, r in runs.items() if "phases_s" in r}
+    flops = {
+        layers: step_flops(built.config, prompt_lens=prompt_lens, num_generations=4, new_tokens=24,
+                           lowest_trainable=0 if layers == "all" else mid,
+                           trainable_blocks=s["L"] if layers == "all" else 1, train_head=layers == "all")
+        for layers in LAYER_SETS
+    }
+    floor = {layers: f["total"] / (rate * 1e9) for layers, f in flops.items()}
+    summary = {
+        "onelayer_full_s": med["onelayer/all"], "onelayer_layer_s": med["onelayer/middle:1"],
+        "onelayer_full_phases_s": phases["onelayer/all"], "onelayer_layer_phases_s": phases["onelayer/middle:1"],
+        "floor_full_s": floor["all"], "floor_layer_s": floor["middle:1"],
+        "flops_full": flops["all"], "flops_layer": flops["middle:1"],
+        "full_vs_floor": med["onelayer/all"] / floor["all"],
+        "layer_update_vs_full_update": phases["onelayer/middle:1"]["update"] / phases["onelayer/all"]["update"],
+        "layer_peak_memory_vs_full": runs["onelayer/middle:1"]["peak_memory_bytes"] / runs["onelayer/all"]["peak_memory_bytes"],
+        "optimizer_bytes_full": runs["onelayer/all"]["optimizer_bytes"],
+        "optimizer_bytes_layer": runs["onelayer/middle:1"]["optimizer_bytes"],
+    }
+    if with_trl:
+        summary.update({
+            "trl_full_s": med["trl/all"], "trl_layer_s": med["trl/middle:1"],
+            "full_vs_trl": med["onelayer/all"] / med["trl/all"],
+            "layer_vs_trl": med["onelayer/middle:1"] / med["trl/middle:1"],
+            "floor_vs_trl": floor["all"] / med["trl/all"],
+            "trl_optimizer_bytes_full": runs["trl/all"]["optimizer_bytes"],
+            "trl_optimizer_bytes_layer": runs["trl/middle:1"]["optimizer_bytes"],
+        })
+    result["summary"] = summary
+    return result
+
+
+def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads: int | None = None,
+              device: str = "cpu", with_trl: bool = True, log=print) -> dict:
+    """The whole benchmark. Top-level keys of the result: the first model's ratios (`full_vs_trl`,
+    `layer_vs_trl`, `layer_update_vs_full_update`, `full_vs_floor`, …), `settings`, and `models` (per model)."""
+    if steps < 5:
+        raise BenchError(f"--steps {steps}: medians need at least 5 timed steps")
+    if with_trl and not trl_available():
+        raise BenchError("TRL is not installed; pip install 'onelayer[bench]' (or pass --no-trl to time onelayer alone)")
+    settings = {"prompts": 16, "num_generations": 4, "max_new_tokens": 24, "learning_rate": 1e-4, "beta": 0.0,
+                "num_iterations": 1, "steps": steps, "warmup": warmup, "threads": threads or torch.get_num_threads(),
+                "device": device, "torch": torch.__version__}
+    if with_trl:
+        import trl
+
+        settings["trl"] = trl.__version__
+    per_model = {}
+    for m in models:
+        log(f"benchmarking {m}")
+        per_model[m] = bench_model(m, steps=steps, warmup=warmup, threads=threads, device=device, with_trl=with_trl,
+                                   log=log)
+    return {**per_model[models[0]]["summary"], "settings": settings, "models": per_model}
+
+
+def format_report(result: dict) -> str:
+    """A short text table per model."""
+    lines = []
+    for name, m in result["models"].items():
+        s = m["summary"]
+        lines.append(f"{name} (hidden {m['shape']['H']} x {m['shape']['L']} blocks; middle block {m['middle_block']}; "
+                     f"matmul {m['matmul_shape']} at {m['matmul_gflops']} GFLOP/s)")
+        for layers, key in (("all", "full"), ("middle:1", "layer")):
+            ph = s[f"onelayer_{key}_phases_s"]
+            run = m["runs"][f"onelayer/{layers}"]
+            lines.append(
+                f"  onelayer {layers:9s} step {s[f'onelayer_{key}_s'] * 1e3:7.1f} ms  (rollout {ph['rollout'] * 1e3:.1f}, "
+                f"reward {ph['reward'] * 1e3:.1f}, logprob {ph['logprob'] * 1e3:.1f}, update {ph['update'] * 1e3:.1f})  "
+                f"floor {s[f'floor_{key}_s'] * 1e3:.1f} ms  peak {run['peak_memory_bytes'] / 2**20:.0f} MiB  "
+                f"optimizer {run['optimizer_bytes'] / 2**20:.2f} MiB"
+            )
+            if f"trl/{layers}" in m["runs"]:
+                trl = m["runs"][f"trl/{layers}"]
+                lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  "
+                             f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
+        ratios = ["full_vs_trl", "layer_vs_trl", "layer_update_vs_full_update", "full_vs_floor", "floor_vs_trl",
+                  "layer_peak_memory_vs_full"]
+        lines.append("  " + "  ".join(f"{k} {s[k]:.2f}" for k in ratios if k in s))
+    return "\n".join(lines)
+
+
+def _worker_main(argv: list[str]) -> int:
+    tool, spec_json, model_dir, device, result_path = argv
+    spec = BenchSpec(**json.loads(spec_json))
+    fn = {"onelayer": _onelayer_worker, "trl": _trl_worker}[tool]
+    try:
+        result = fn(spec, model_dir, device)
+    except BenchError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,319 @@
+"""A lean decode path for Llama-family decoders (Qwen3, Qwen2, Llama, Mistral), used by `rollout.sample`.
+
+On a CPU the tiny models spend most of a decode step in per-op and per-module Python overhead, not in
+arithmetic: one HF forward of a 64-row decode step runs ~40 modules and ~400 tensor ops. This path runs
+the same math straight from the model's own parameters (nothing is copied on GPUs; on CPU the q/k/v and
+gate/up projections are concatenated once per rollout so each is one matmul):
+
+    x = embed(ids); per block: h = rms_norm(x); q, k, v = h Wq, h Wk, h Wv (+ biases); [Qwen3: per-head
+    rms_norm of q and k]; rotary(q, k) with the model's own rotary table; k, v written into a preallocated
+    cache; a = sdpa(q, K[:len], V[:len], mask); x += a Wo; x += down(silu(h' Wg) * h' Wu); logits of the
+    last position = rms_norm(x) W_head
+
+It is used only for architectures it reproduces exactly (checked by `lean_support`: the module layout
+of the HF Llama family, SiLU MLP, full attention everywhere) and, once per model object, only after its
+logits matched the model's own forward on a probe batch (`_verified`); anything else takes the HF path.
+It also hands out the hidden states entering a chosen block, which the trainer reuses (frozen prefix).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def lean_support(model) -> str | None:
+    """None if the lean path reproduces `model`, else the reason it does not."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or any(not hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        return "unexpected module layout"
+    if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"])):
+        return "sliding-window layers"
+    if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
+        return "sliding-window attention"
+    for block in inner.layers:
+        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "unexpected block layout"
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "unexpected MLP layout"
+        if getattr(attn, "sliding_window", None):
+            return "sliding-window attention"
+    return None
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class LeanDecoder:
+    """Prefill + one-token decode steps for one rollout, with its own preallocated KV cache.
+
+    On CPU the weights are gathered once per rollout (they do not change during one): q/k/v and gate/up
+    concatenated into one matrix each, and each RMSNorm weight folded into the matrix that follows it
+    (`(w * y) W^T = y (W diag w)^T`), so a block is 4 matmuls and a handful of elementwise ops. On GPU
+    the model's own tensors are used as they are (no copies of a large model's weights).
+
+    `capture` (a block index) records the hidden states entering that block for every position fed in
+    (`self.captured`: [B, L, H], rows in the final batch order; zeros where nothing was fed).
+    """
+
+    def __init__(self, model, batch: int, max_len: int, capture: int | None = None):
+        inner = model.model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.fold = self.device.type == "cpu"  # fewer, larger ops where per-op overhead dominates
+        self.embed = inner.embed_tokens
+        self.layers = [self._gather(b) for b in inner.layers]
+        self.final_eps = _eps(inner.norm)
+        self.head = self._fold([model.lm_head], inner.norm)
+        positions = torch.arange(max_len, device=self.device)[None]
+        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim], exactly the model's rotary table
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.capture = capture
+        self.captured = (torch.zeros(batch, max_len, cfg.hidden_size, dtype=self.dtype, device=self.device)
+                         if capture is not None else None)
+
+    def _fold(self, linears, norm) -> dict:
+        """One projection from `norm`'s output through `linears` (concatenated, norm weight folded on CPU)."""
+        biases = [m.bias for m in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(linears, biases)]
+        if not self.fold:
+            return {"w": [m.weight for m in linears], "b": bias, "norm_w": norm.weight, "eps": _eps(norm)}
+        w = torch.cat([m.weight for m in linears]) * norm.weight.to(linears[0].weight.dtype)
+        return {"w": [w], "b": None if bias is None else [torch.cat(bias)], "norm_w": None, "eps": _eps(norm)}
+
+    def _gather(self, block) -> dict:
+        attn, mlp = block.self_attn, block.mlp
+        qk_norm = None
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm of q and k, one weight row per head
+            qk_norm = (torch.cat([attn.q_norm.weight.expand(self.heads, -1), attn.k_norm.weight.expand(self.kv_heads, -1)]),
+                       _eps(attn.q_norm))
+        return {
+            "qkv": self._fold([attn.q_proj, attn.k_proj, attn.v_proj], block.input_layernorm), "qk_norm": qk_norm,
+            "o": (attn.o_proj.weight, attn.o_proj.bias),
+            "gate_up": self._fold([mlp.gate_proj, mlp.up_proj], block.post_attention_layernorm),
+            "down": (mlp.down_proj.weight, mlp.down_proj.bias),
+        }
+
+    @staticmethod
+    def _project(x, proj):
+        """rms_norm(x) (weight folded or applied) through the projection's matrices, concatenated."""
+        y = torch.rms_norm(x.float(), (x.shape[-1],), None, proj["eps"]).to(x.dtype)
+        if proj["norm_w"] is not None:
+            y = proj["norm_w"] * y
+        bias = proj["b"] or [None] * len(proj["w"])
+        outs = [F.linear(y, w, b) for w, b in zip(proj["w"], bias)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed `ids` [B, S] at cache slots start..start+S-1 (rotary positions `positions` [B, S]); queries
+        attend to slots 0..start+S-1 under the bool `mask` [B, 1, S, start+S] (None: all). `rows` maps the
+        batch rows to rows of `captured`. Returns the logits of the last position, [B, V]."""
+        B, S = ids.shape
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        end = start + S
+        x = self.embed(ids)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, S, 1, d]
+        for i, layer in enumerate(self.layers):
+            if i == self.capture:
+                self.captured[rows if rows is not None else slice(0, B), start:end] = x
+            qkv = self._project(x, layer["qkv"]).view(B, S, h + 2 * kvh, d)
+            qk, v = qkv[:, :, : h + kvh], qkv[:, :, h + kvh :]
+            if layer["qk_norm"] is not None:
+                w, eps = layer["qk_norm"]
+                qk = w * torch.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype)
+            qk = self._rotate(qk, cos, sin)  # [B, S, h + kvh, d]
+            self.k[i][:B, :, start:end] = qk[:, :, h:].transpose(1, 2)
+            self.v[i][:B, :, start:end] = v.transpose(1, 2)
+            keys, values = self.k[i][:B, :, :end], self.v[i][:B, :, :end]
+            if S == 1:  # decode: grouped-query attention as two small matmuls, no K/V repeat
+                q = qk[:, 0, :h].reshape(B, kvh, h // kvh, d)
+                scores = (q @ keys.transpose(-1, -2)) * d**-0.5  # [B, kvh, g, end]
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                a = (scores.softmax(-1) @ values).reshape(B, 1, h * d)
+            else:
+                q = qk[:, :, :h].transpose(1, 2)
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kvh != h)
+                a = a.transpose(1, 2).reshape(B, S, h * d)
+            x = x + F.linear(a, *layer["o"])
+            g, u = self._project(x, layer["gate_up"]).chunk(2, -1)
+            x = x + F.linear(F.silu(g) * u, *layer["down"])
+        return self._project(x[:, -1], self.head).float()
+
+    def repeat_rows(self, index: torch.Tensor) -> None:
+        """Cache rows become `index` (repeat each prompt's rows G times; drop finished rows)."""
+        n = len(index)
+        for i in range(len(self.layers)):
+            self.k[i][:n] = self.k[i].index_select(0, index)
+            self.v[i][:n] = self.v[i].index_select(0, index)
+
+
+def _verified(model, tol: float) -> bool:
+    """Do both lean paths give the model's own numbers on a small probe (left padding, shared prompts)?
+    Checked once per model object."""
+    if model in _VERIFIED:
+        return _VERIFIED[model]
+    ok = False
+    try:
+        device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        V = model.config.vocab_size
+        ids = torch.randint(0, V, (2, 6), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+            dec = LeanDecoder(model, 2, 6)
+            allowed = torch.ones(6, 6, dtype=torch.bool, device=device).tril()[None, None] & mask.bool()[:, None, None]
+            allowed = allowed | torch.eye(6, dtype=torch.bool, device=device)
+            scale = max(1.0, float(ref.abs().max()))
+            ok = bool((dec.forward(ids, pos, 0, allowed) - ref[:, -1]).abs().max() <= tol * scale)
+            # training path: prompt = first 3 tokens, shared by both rows of each prompt
+            rows, rmask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+            got = lean_sequence_logprobs(model, rows, rmask, 3, torch.tensor([0, 0, 1, 1], device=device))
+            want = torch.log_softmax(ref[:, 2:5], -1).gather(-1, ids[:, 3:, None]).squeeze(-1).repeat_interleave(2, 0)
+            ok = ok and bool((got - want).abs().max() <= tol * scale)
+    except Exception:  # noqa: BLE001 - any failure means: use the model's own forward
+        ok = False
+    _VERIFIED[model] = ok
+    return ok
+
+
+def lean_available(model) -> bool:
+    """Can the lean paths stand in for `model`'s forward (supported layout, verified on a probe)?"""
+    if lean_support(model) is not None:
+        return False
+    dtype = next(model.parameters()).dtype
+    return _verified(model, 1e-4 if dtype == torch.float32 else 3e-2)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def _linear_cat(y: torch.Tensor, linears, fuse: bool) -> torch.Tensor:
+    """y through several linears, outputs concatenated; on CPU one matmul over the concatenated weights."""
+    if fuse:
+        biases = [m.bias for m in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(linears, biases)])
+        return F.linear(y, torch.cat([m.weight for m in linears]), bias)
+    return torch.cat([m(y) for m in linears], -1)
+
+
+def _norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """HF's RMSNorm: float32 statistics, weight applied in the input dtype."""
+    return norm.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, _eps(norm)).to(x.dtype)
+
+
+def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                           prompt_index: torch.Tensor | None = None, *, temperature: float = 1.0,
+                           block_input: torch.Tensor | None = None, block_index: int | None = None) -> torch.Tensor:
+    """`rollout.sequence_logprobs` for Llama-family models, differentiable, with each prompt computed once.
+
+    Rows with the same `prompt_index` share their prompt (the G samples of one prompt): the prompt's
+    positions go through the blocks once, and each row's completion attends to that shared prompt's keys
+    and values (autograd sums the rows' gradients into it). All tokens of both parts run through the
+    linear and elementwise ops as one flat [tokens, H] matrix. With `block_input` the forward starts at
+    block `block_index` on those hidden states (frozen-prefix reuse). Returns FloatTensor[B, T].
+    """
+    inner = model.model
+    cfg = model.config
+    B, L = input_ids.shape
+    P, T = prompt_len, L - prompt_len
+    h = cfg.num_attention_heads
+    kvh = getattr(cfg, "num_key_value_heads", None) or h
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    device = input_ids.device
+    fuse = device.type == "cpu"
+
+    # one representative row per distinct prompt; `inv` maps every row to it
+    if prompt_index is None:
+        prompt_index = torch.arange(B, device=device)
+    _, inv = torch.unique(prompt_index, return_inverse=True)
+    rep = torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=device).scatter_(
+        0, inv.flip(0), torch.arange(B - 1, -1, -1, device=device))
+    if not torch.equal(input_ids[rep][inv, :P], input_ids[:, :P]):  # not actually shared: no sharing
+        inv, rep = torch.arange(B, device=device), torch.arange(B, device=device)
+    N = len(rep)
+    pmask = attention_mask[rep, :P].bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    pos = torch.cat([positions[rep, :P].reshape(-1), positions[:, P:].reshape(-1)])
+
+    if block_input is None:
+        start = 0
+        x = inner.embed_tokens(torch.cat([input_ids[rep, :P].reshape(-1), input_ids[:, P:].reshape(-1)]))
+    else:
+        start = block_index
+        x = torch.cat([block_input[rep, :P].reshape(N * P, -1), block_input[:, P:].reshape(B * T, -1)])
+    cos, sin = inner.rotary_emb(x[:1], pos[None])
+    cos, sin = cos[0][:, None], sin[0][:, None]  # [tokens, 1, d]
+
+    ar_p = torch.arange(P, device=device)
+    prompt_mask = ((ar_p[None, :] <= ar_p[:, None]) & pmask[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    ar_t = torch.arange(T, device=device)
+    comp_mask = torch.cat([pmask[inv][:, None, None, :].expand(B, 1, T, P),
+                           (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, T, T)], -1)  # [B, 1, T, P+T]
+    n_p = N * P
+
+    for block in inner.layers[start:]:
+        attn, mlp = block.self_attn, block.mlp
+        qkv = _linear_cat(_norm(x, block.input_layernorm), (attn.q_proj, attn.k_proj, attn.v_proj), fuse)
+        qkv = qkv.view(-1, h + 2 * kvh, d)
+        q, k, v = qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:]
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = _norm(q, attn.q_norm), _norm(k, attn.k_norm)
+        half = d // 2
+        qk = torch.cat([q, k], 1)
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+        q, k = qk[:, :h], qk[:, h:]
+        # prompt tokens attend within their prompt; completion tokens to their prompt's and their own
+        kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
+        kc, vc = k[n_p:].view(B, T, kvh, d).transpose(1, 2), v[n_p:].view(B, T, kvh, d).transpose(1, 2)
+        ap = F.scaled_dot_product_attention(q[:n_p].view(N, P, h, d).transpose(1, 2), kp, vp, attn_mask=prompt_mask,
+                                            enable_gqa=kvh != h)
+        ac = F.scaled_dot_product_attention(q[n_p:].view(B, T, h, d).transpose(1, 2), torch.cat([kp[inv], kc], 2),
+                                            torch.cat([vp[inv], vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
+        a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * T, h * d)])
+        x = x + attn.o_proj(a)
+        g, u = _linear_cat(_norm(x, block.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), fuse).chunk(2, -1)
+        x = x + mlp.down_proj(F.silu(g) * u)
+
+    # positions P-1 .. P+T-2 predict tokens P .. P+T-1: the prompt's last position, then completion 0..T-2
+    last = torch.cat([x[:n_p].view(N, P, -1)[:, -1][inv][:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
+    logits = model.lm_head(_norm(last, inner.norm)).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    target = input_ids[:, P:]
+    logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return logp.masked_fill(attention_mask[:, P:] == 0, 0.0)
