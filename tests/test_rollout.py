@@ -43,8 +43,10 @@ def gen(seed: int) -> torch.Generator:
 
 
 def check_logprobs_match(model, batch: RolloutBatch, temperature: float, tol: float = 1e-5):
+    """Behaviour log-probs against one full forward of the model's own (HF) implementation."""
     with torch.no_grad():
-        ref = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len, temperature=temperature)
+        ref = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len, temperature=temperature,
+                                lean=False)
     m = batch.completion_mask.bool()
     assert ref.shape == batch.logprobs.shape
     assert m.any()
@@ -81,10 +83,11 @@ def test_left_pad():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_logprobs_match_sequence_logprobs(model, temperature, top_p):
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "hf-forward"])
+def test_logprobs_match_sequence_logprobs(model, temperature, top_p, lean):
     # top_p < 1: the behaviour log-prob is of the temperature-scaled distribution, not the top-p renormalised one.
     batch = sample(model, PROMPTS, num_generations=3, max_new_tokens=10, temperature=temperature, top_p=top_p,
-                   eos_id=EOS, pad_id=PAD, generator=gen(0))
+                   eos_id=EOS, pad_id=PAD, generator=gen(0), lean=lean)
     check_layout(batch, PROMPTS, 3)
     check_logprobs_match(model, batch, temperature)
 

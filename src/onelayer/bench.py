@@ -102,38 +102,41 @@ def _shape(config) -> dict:
 
 
 def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_tokens: int,
-               lowest_trainable: int, trainable_blocks: int, train_head: bool) -> dict:
+               lowest_trainable: int, trainable_blocks: int, train_head: bool, parts: bool = False) -> dict:
     """Matrix-multiply FLOPs (2 per multiply-add) of one RL step, by phase.
 
     rollout: each distinct prompt prefilled once (left-padded to the longest), then one token per row for
     `new_tokens - 1` decode steps against a KV cache, with the LM head on one position per row per step.
     update: one forward over the whole batch (prompt + completion) from block `lowest_trainable` up (the
     blocks below are frozen and their outputs known), the LM head on the completion positions, and the
-    backward: input gradients through every block above the lowest trainable one and through the head,
-    weight gradients for the trainable blocks (and the head when it trains). Norms, activations, softmax
-    and the optimizer are not matmuls and not counted.
+    backward: input gradients through the head and every block on the gradient path (the lowest trainable
+    one and all above it; attention backward counted as twice its forward), weight gradients for the
+    trainable blocks and the head when it trains. Norms, activations, softmax and the optimizer are not
+    matmuls and not counted. `parts=True` adds the linear / attention split of each phase.
     """
     s = _shape(config)
     H, I, V, L = s["H"], s["I"], s["V"], s["L"]
     linear = H * (s["q"] + 2 * s["kv"]) + s["q"] * H + 3 * H * I  # MACs per token per block
-    attn = lambda ctx: 2 * s["heads"] * s["head_dim"] * ctx  # noqa: E731 - QK^T and AV, MACs per token
+    attn = lambda ctx: 2 * s["heads"] * s["head_dim"] * ctx  # noqa: E731 - QK^T and AV, MACs per query token
     N, G, T = len(prompt_lens), num_generations, new_tokens
     P = max(prompt_lens)
     B, S = N * G, P + T
+    head = H * V
 
-    prefill = N * P * L * linear + N * L * sum(attn(i + 1) for i in range(P)) + N * H * V
-    decode = B * sum(L * (linear + attn(P + t + 1)) + H * V for t in range(1, T))
-    rollout = prefill + decode
-
-    blocks_run = L - lowest_trainable
-    causal = sum(attn(i + 1) for i in range(S))  # attention MACs of one full causal sequence, one block
-    fwd = B * (S * blocks_run * linear + blocks_run * causal + T * H * V)
-    # backward: dX (and the attention backward, twice its forward) through the head and every block on the
-    # gradient path (the lowest trainable one and all above it), dW for the trainable blocks and the head
-    bwd_input = B * (T * H * V + S * blocks_run * linear + blocks_run * 2 * causal)
-    bwd_weight = B * (S * trainable_blocks * linear + (T * H * V if train_head else 0))
-    update = fwd + bwd_input + bwd_weight
-    return {"rollout": 2 * rollout, "update": 2 * update, "total": 2 * (rollout + update)}
+    roll_lin = N * P * L * linear + N * head + B * (T - 1) * (L * linear + head)
+    roll_att = N * L * sum(attn(i + 1) for i in range(P)) + B * L * sum(attn(P + t + 1) for t in range(1, T))
+    run = L - lowest_trainable
+    causal = sum(attn(i + 1) for i in range(S))  # attention MACs of one causal sequence through one block
+    upd_lin = (B * S * run * linear + B * T * head  # forward
+               + B * S * run * linear + B * T * head  # input gradients
+               + B * S * trainable_blocks * linear + (B * T * head if train_head else 0))  # weight gradients
+    upd_att = B * run * causal * 3  # forward + backward
+    out = {"rollout": 2 * (roll_lin + roll_att), "update": 2 * (upd_lin + upd_att)}
+    out["total"] = out["rollout"] + out["update"]
+    if parts:
+        out.update(rollout_linear=2 * roll_lin, rollout_attention=2 * roll_att, update_linear=2 * upd_lin,
+                   update_attention=2 * upd_att)
+    return out
 
 
 def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu") -> float:

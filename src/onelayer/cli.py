@@ -142,6 +142,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onelayer.bench import format_report, run_bench
+    from onelayer.io import atomic_write_json
+    from onelayer.models import BUILTIN_MODELS
+
+    models = tuple(_csv_list(args.models))
+    for m in models:
+        if m not in BUILTIN_MODELS:
+            raise ConfigError(f"--models: {m!r} is not a built-in tiny model; choose from {', '.join(BUILTIN_MODELS)}")
+    if args.warmup < 1:
+        raise ConfigError(f"--warmup {args.warmup}: at least one warm-up step")
+    result = run_bench(models, steps=args.steps, warmup=args.warmup, threads=args.threads, device=args.device,
+                       with_trl=not args.no_trl, log=lambda msg: print(msg, file=sys.stderr))
+    print(format_report(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-path", help="dotted path of the decoder blocks' ModuleList, if discovery fails")
     p.add_argument("--json", help="also write the plan (full, selected, assumptions) to this JSON file")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("bench", help="time onelayer's RL step (full and single middle layer) against TRL's GRPOTrainer")
+    p.add_argument("--models", default="tiny-qwen3,tiny-qwen3-large", help="comma-separated built-in tiny models")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run (medians; at least 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in every run (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-trl", action="store_true", help="time onelayer alone (no TRL installed)")
+    p.add_argument("--json", help="write the results (ratios at the top level, per-model runs under 'models')")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -208,8 +236,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from onelayer.train.warmstart import WarmStartError
 
     from onelayer.analysis.compare import CompareError
+    from onelayer.bench import BenchError
 
-    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError, CompareError
+    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError, CompareError, BenchError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,9 @@ def lean_support(model) -> str | None:
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or any(not hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
         return "unexpected module layout"
+    outer = (model, inner, inner.embed_tokens, inner.norm, model.lm_head)
+    if type(model.lm_head) is not torch.nn.Linear or any(m._forward_hooks or m._forward_pre_hooks for m in outer):
+        return "a modified LM head or forward hooks on the model"
     if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout"
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -50,6 +53,13 @@ def lean_support(model) -> str | None:
             return "unexpected block layout"
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return "unexpected MLP layout"
+        # adapters (LoRA), quantised linears or hooks change what a module computes from its weight
+        linears = [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+            getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            return "projections that are not plain nn.Linear (adapters or quantised layers)"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp, *linears)):
+            return "forward hooks on a block"
         if getattr(attn, "sliding_window", None):
             return "sliding-window attention"
     return None
