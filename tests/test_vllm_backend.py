@@ -317,3 +317,13 @@ def test_vllm_smoke_logprobs_and_weight_sync(tmp_path):
         model.model.layers[1].mlp.down_proj.weight.mul_(3.0)
     assert sampler.sync_weights(model) > 0
     check(1.0)
+
+
+@pytest.mark.skipif(vllm_available(), reason="checks the message shown when vLLM is absent")
+def test_train_with_vllm_backend_fails_fast_with_one_line(tmp_path, capsys):
+    from onelayer.cli import main
+
+    assert main(["train", "--rollout-backend", "vllm", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'onelayer[vllm]'" in err
+    assert not (tmp_path / "run" / "checkpoint").exists()

@@ -46,6 +46,9 @@ class TrainConfig:
     epsilon: float = _f(0.2, "PPO clip range (lower, and upper unless epsilon_high is set)")
     epsilon_high: float | None = _f(None, "upper clip range (DAPO clip-higher); defaults to epsilon")
     num_iterations: int = _f(1, "update passes over each batch of rollouts")
+    rollout_backend: str = _f("hf", "rollout sampler: hf (onelayer's own, on the policy) or vllm (a colocated vLLM "
+                                    "engine; CUDA + pip install 'onelayer[vllm]')")
+    vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend vllm: share of GPU memory the engine may take")
     prefix_reuse: bool = _f(True, "when blocks below the lowest trainable one are frozen, compute their output once "
                                   "per batch (captured during the rollout) and start later forwards there")
     balance_episodes: bool = _f(True, "agent tasks: weight each turn by 1/(its episode's length) so every episode "
@@ -155,6 +158,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_completion_length is None or cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1")
     need(cfg.mini_batch_size is None or cfg.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
     need(cfg.save_every >= 1, "save_every", "must be >= 1")
+    need(cfg.rollout_backend in ("hf", "vllm"), "rollout_backend", "must be hf or vllm")
+    need(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
     need(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", "must be cpu, cuda[:N], mps or auto")
 

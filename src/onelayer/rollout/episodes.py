@@ -34,8 +34,11 @@ class Episodes:
 
 
 def play(model, tok, task, seeds: list[int], *, num_generations: int, max_new_tokens: int, greedy: bool = False,
-         temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Episodes:
-    """Play ``num_generations`` episodes from each seed (group g = ``seeds[g]``) until done or ``task.max_turns``."""
+         temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+         sample_fn=sample) -> Episodes:
+    """Play ``num_generations`` episodes from each seed (group g = ``seeds[g]``) until done or ``task.max_turns``.
+
+    ``sample_fn`` samples each turn's actions (``rollout.sample`` or a drop-in such as the vLLM sampler)."""
     n_eps = len(seeds) * num_generations
     group_of = [g for g in range(len(seeds)) for _ in range(num_generations)]
     env_list = [task.make_env() for _ in range(n_eps)]
@@ -56,7 +59,7 @@ def play(model, tok, task, seeds: list[int], *, num_generations: int, max_new_to
             if not active:
                 break
             prompts = [task.prompt(history[e], obs[e], infos[e]["admissible"]) for e in active]
-            batch = sample(model, [tok(p, add_special_tokens=False).input_ids for p in prompts], num_generations=1,
+            batch = sample_fn(model, [tok(p, add_special_tokens=False).input_ids for p in prompts], num_generations=1,
                            max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
             turn_batches.append(batch)

@@ -31,23 +31,25 @@ class Experience:
 
 def collect(model, tok, task, items: list[dict], *, num_generations: int, max_new_tokens: int, temperature: float,
             top_p: float, generator: torch.Generator, capture_block: int | None = None,
-            block_path: str | None = None) -> Experience:
-    """Sample and score one step's experience. `capture_block`: also keep the hidden states entering that
-    block (frozen-prefix reuse; single-turn rollouts capture them while sampling, episodes do not)."""
+            block_path: str | None = None, sample_fn=sample) -> Experience:
+    """Sample and score one step's experience with `sample_fn` (`rollout.sample` or a drop-in such as the
+    vLLM sampler). `capture_block`: also keep the hidden states entering that block (frozen-prefix reuse;
+    single-turn rollouts with `rollout.sample` capture them while sampling, episodes do not)."""
     t0 = time.perf_counter()
     if getattr(task, "is_agent", False):
         eps = play(model, tok, task, [it["seed"] for it in items], num_generations=num_generations,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+                   sample_fn=sample_fn)
         n = len(eps.won)
         metrics = {"reward_mean": sum(eps.returns) / n, "success_rate": sum(eps.won) / n,
                    "episode_len": sum(eps.lengths) / n, "invalid_rate": 1 - sum(eps.valid) / max(1, len(eps.valid)),
                    "rollout_s": time.perf_counter() - t0, "reward_s": eps.env_seconds,
                    **{f"anchor_{k}": v for k, v in anchor_group_stats(eps.group_ids, eps.anchors).items()}}
         return Experience(eps.batch, eps.step_rewards, eps.traj_ids, eps.group_ids, eps.anchors, metrics)
-    batch = sample(model, encode_prompts(tok, [it["prompt"] for it in items]), num_generations=num_generations,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator,
-                   capture_block=capture_block, block_path=block_path)
+    capture = {"capture_block": capture_block, "block_path": block_path} if capture_block is not None else {}
+    batch = sample_fn(model, encode_prompts(tok, [it["prompt"] for it in items]), num_generations=num_generations,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator, **capture)
     t1 = time.perf_counter()
     completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
     group = batch.prompt_index.cpu()

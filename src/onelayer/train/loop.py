@@ -28,11 +28,13 @@ from onelayer.models.layers import (
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.models.prefix import reuse_block
-from onelayer.rollout import sequence_block_input, sequence_logprobs
+from onelayer.rollout import sample, sequence_block_input, sequence_logprobs
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
-from onelayer.train.setup import load_model, resolve_device, setup_torch, with_task_defaults
+from onelayer.train.setup import (
+    check_backend, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
+)
 
 # Settings that may differ when a killed run is resumed (they do not change the result beyond float rounding).
 RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device", "prefix_reuse"}
@@ -59,6 +61,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     scale = cfg.scale_rewards or preset.scale
     loss_agg = cfg.loss_type or preset.loss_agg
     max_new = cfg.max_completion_length
+    check_backend(cfg)
     model, tok, source = load_model(cfg, task, max_new, device, log)
 
     # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.
@@ -74,6 +77,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     reuse_at = reuse_block(model, cfg.block_path) if cfg.prefix_reuse else None
     if reuse_at is not None:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
+    sample_fn = rollout_sampler(cfg, model, tok, source, out)  # onelayer's sampler, or vLLM's
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
 
@@ -107,9 +111,12 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
 
             # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the
             # behaviour log-probs for the ratio, then advantages
+            if sample_fn is not sample:
+                sample_fn.sync_weights(model)  # push the updated trainable tensors into the engine
             exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations, max_new_tokens=max_new,
-                          temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, capture_block=reuse_at,
-                          block_path=cfg.block_path)
+                          temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, sample_fn=sample_fn,
+                          # vLLM hands out no hidden states: then the prefix is computed once per batch below
+                          capture_block=reuse_at if sample_fn is sample else None, block_path=cfg.block_path)
             batch = exp.batch
             advantages = step_advantages(exp, preset, scale, cfg.balance_episodes).to(device)
             t2 = time.perf_counter()

@@ -9,6 +9,7 @@ import torch
 
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.models import BUILTIN_MODELS, load_policy
+from onelayer.rollout import sample
 from onelayer.train.warmstart import warm_started
 
 
@@ -39,6 +40,25 @@ def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
     dtype = getattr(torch, cfg.dtype)
     model, tok = load_policy(source, dtype=dtype, device=device)
     return model, tok, source
+
+
+def check_backend(cfg: TrainConfig) -> None:
+    """Fail before loading anything when the rollout backend cannot run here."""
+    if cfg.rollout_backend == "vllm":
+        from onelayer.rollout.vllm_backend import require_vllm
+
+        require_vllm()
+
+
+def rollout_sampler(cfg: TrainConfig, model, tok, source, out):
+    """The rollout's sampler: onelayer's own `rollout.sample`, or a colocated vLLM engine started from the
+    policy's weights (the trainer pushes the trainable tensors into it before each rollout)."""
+    if cfg.rollout_backend == "hf":
+        return sample
+    from onelayer.rollout.vllm_backend import VLLMSampler, policy_dir
+
+    return VLLMSampler(policy_dir(model, tok, str(source), out / "vllm_init"), dtype=cfg.dtype,
+                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
 
 
 def setup_torch(cfg: TrainConfig) -> None:
