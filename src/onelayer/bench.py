@@ -218,6 +218,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
 
     times: list[float] = []
     lengths: list[float] = []
+    generate_s: list[float] = []
     opt_bytes: list[int] = []
 
     class Timer(TrainerCallback):
@@ -244,8 +245,10 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
                           train_dataset=data, callbacks=[Timer()])
     orig = trainer._generate_and_score_completions
 
-    def record_lengths(*a, **kw):  # mean completion length per step, as onelayer logs it
+    def record_lengths(*a, **kw):  # generation + scoring time and mean completion length per step
+        t0 = time.perf_counter()
         out = orig(*a, **kw)
+        generate_s.append(time.perf_counter() - t0)
         lengths.append(float(out["completion_mask"].sum(1).float().mean()))
         return out
 
@@ -253,6 +256,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     trainer.train()
     return {
         "step_s": times[spec.warmup:], "completion_len": statistics.mean(lengths[spec.warmup:]),
+        "phases_s": {"generate_and_score": generate_s[spec.warmup:]},
         "optimizer_bytes": opt_bytes[-1] if opt_bytes else 0, "trainable_params": sel.trainable_params,
         "peak_memory_bytes": _peak_memory_bytes(device),
     }
@@ -317,7 +321,7 @@ def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, dev
 
     runs = result["runs"]
     med = {k: _median(r["step_s"]) for k, r in runs.items()}
-    phases = {k: {p: _median(v) for p, v in r["phases_s"].items()} for k, r in runs.items() if "phases_s" in r}
+    phases = {k: {p: _median(v) for p, v in r["phases_s"].items()} for k, r in runs.items()}
     flops = {
         layers: step_flops(built.config, prompt_lens=prompt_lens, num_generations=4, new_tokens=24,
                            lowest_trainable=0 if layers == "all" else mid,
@@ -390,7 +394,8 @@ def format_report(result: dict) -> str:
             )
             if f"trl/{layers}" in m["runs"]:
                 trl = m["runs"][f"trl/{layers}"]
-                lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  "
+                gen = _median(trl["phases_s"]["generate_and_score"])
+                lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  (generate + score {gen * 1e3:.1f})  "
                              f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
         ratios = ["full_vs_trl", "layer_vs_trl", "layer_update_vs_full_update", "full_vs_floor", "floor_vs_trl",
                   "layer_peak_memory_vs_full"]

@@ -231,16 +231,6 @@ def lean_available(model) -> bool:
 # --------------------------------------------------------------------------------------------- training
 
 
-def _linear_cat(y: torch.Tensor, linears, fuse: bool) -> torch.Tensor:
-    """y through several linears, outputs concatenated; on CPU one matmul over the concatenated weights."""
-    if fuse:
-        biases = [m.bias for m in linears]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(linears, biases)])
-        return F.linear(y, torch.cat([m.weight for m in linears]), bias)
-    return torch.cat([m(y) for m in linears], -1)
-
-
 def _norm(x: torch.Tensor, norm) -> torch.Tensor:
     """HF's RMSNorm: float32 statistics, weight applied in the input dtype."""
     return norm.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, _eps(norm)).to(x.dtype)
@@ -265,7 +255,6 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     kvh = getattr(cfg, "num_key_value_heads", None) or h
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     device = input_ids.device
-    fuse = device.type == "cpu"
 
     # one representative row per distinct prompt; `inv` maps every row to it
     if prompt_index is None:
@@ -296,17 +285,19 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
                            (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, T, T)], -1)  # [B, 1, T, P+T]
     n_p = N * P
 
+    # rotate_half(x) * sin == roll(x, d/2) * sin with the first half's sign flipped: a roll has a cheap
+    # backward, where slicing + cat allocate and copy full-size gradients
+    half = d // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
     for block in inner.layers[start:]:
         attn, mlp = block.self_attn, block.mlp
-        qkv = _linear_cat(_norm(x, block.input_layernorm), (attn.q_proj, attn.k_proj, attn.v_proj), fuse)
-        qkv = qkv.view(-1, h + 2 * kvh, d)
-        q, k, v = qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:]
+        y = _norm(x, block.input_layernorm)
+        # separate projections: slicing one fused output would cost a full-size gradient copy per slice
+        q, k, v = attn.q_proj(y).view(-1, h, d), attn.k_proj(y).view(-1, kvh, d), attn.v_proj(y).view(-1, kvh, d)
         if getattr(attn, "q_norm", None) is not None:
             q, k = _norm(q, attn.q_norm), _norm(k, attn.k_norm)
-        half = d // 2
-        qk = torch.cat([q, k], 1)
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
-        q, k = qk[:, :h], qk[:, h:]
+        q = q * cos + q.roll(half, -1) * sin
+        k = k * cos + k.roll(half, -1) * sin
         # prompt tokens attend within their prompt; completion tokens to their prompt's and their own
         kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
         kc, vc = k[n_p:].view(B, T, kvh, d).transpose(1, 2), v[n_p:].view(B, T, kvh, d).transpose(1, 2)
@@ -316,8 +307,8 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
                                             torch.cat([vp[inv], vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
         a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * T, h * d)])
         x = x + attn.o_proj(a)
-        g, u = _linear_cat(_norm(x, block.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), fuse).chunk(2, -1)
-        x = x + mlp.down_proj(F.silu(g) * u)
+        y = _norm(x, block.post_attention_layernorm)
+        x = x + mlp.down_proj(F.silu(mlp.gate_proj(y)) * mlp.up_proj(y))
 
     # positions P-1 .. P+T-2 predict tokens P .. P+T-1: the prompt's last position, then completion 0..T-2
     last = torch.cat([x[:n_p].view(N, P, -1)[:, -1][inv][:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
