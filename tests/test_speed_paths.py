@@ -214,7 +214,8 @@ def test_bench_reports_ratios_and_optimizer_bytes(tmp_path):
     from onelayer.cli import main
 
     out = tmp_path / "bench.json"
-    args = ["bench", "--models", "tiny-qwen3", "--steps", "5", "--warmup", "1", "--threads", "1", "--json", str(out)]
+    args = ["bench", "--models", "tiny-qwen3", "--steps", "5", "--warmup", "1", "--threads", "1", "--rounds", "1",
+            "--json", str(out)]
     assert main(args + ([] if trl_available() else ["--no-trl"])) == 0
     result = json.loads(out.read_text())
     keys = ["layer_update_vs_full_update", "full_vs_floor"] + (["full_vs_trl", "layer_vs_trl"] if trl_available() else [])

@@ -8,7 +8,8 @@ beta 0, one update pass over the whole batch, GRPO loss and group-scaled advanta
 digits in the completion) is the same function in both, so advantages are not all zero.
 
 Every (tool, model, layers) run is its own subprocess, so one run's allocator state, threads or peak
-memory cannot leak into the next; runs alternate between the tools. Times are medians over the steps
+memory cannot leak into the next. Runs alternate between the tools, and `rounds` repeats the whole set
+in reversed order each time (step times pooled), so a drift in the machine's speed hits both tools alike. Times are medians over the steps
 after warm-up: onelayer's come from its own `metrics.jsonl` (per phase: rollout, reward, logprob,
 update), TRL's from a callback around each optimizer step (generation, reward, loss, backward, optimizer),
 which leaves TRL's between-step logging out of its time. Peak memory is the worker's peak resident set on
@@ -18,7 +19,10 @@ tensors.
 
 The floor is the step's matrix-multiply FLOPs (rollout with a KV cache, forward and backward of the
 update; see `step_flops`) divided by the rate this machine measures for a 64 x H x I matmul, the shape of
-one decode step's MLP — what a step would take with no overhead at all at that rate.
+one decode step's MLP — what a step would take with no overhead at all at that rate. Two rates are
+measured: torch's default `a @ b` and the linear onelayer's lean path uses (oneDNN on CPU, about twice
+MKL's rate on AMD EPYC); the floor takes the faster, so onelayer is not measured against a floor its own
+kernels beat.
 """
 
 from __future__ import annotations
@@ -139,19 +143,27 @@ def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_toke
     return out
 
 
-def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu") -> float:
-    """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`."""
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    for _ in range(10):
-        a @ b
-    rates = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        rates.append(2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu", kernel: str = "torch") -> float:
+    """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`.
+
+    kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "lean": the linear onelayer's
+    lean path uses (`onelayer.rollout.lean.linear`: oneDNN on CPU where available)."""
+    from onelayer.rollout.lean import linear
+
+    a, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+    wt = w.t().contiguous()
+    fn = (lambda: a @ wt) if kernel == "torch" else (lambda: linear(a, w))
+    with torch.inference_mode():
+        for _ in range(10):
+            fn()
+        rates = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            rates.append(2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
     return statistics.median(rates)
 
 
@@ -292,8 +304,21 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def _pool(runs: dict, key: str, new: dict) -> None:
+    """Add one round's measurements of a run to the earlier rounds' (lists concatenated, peaks maxed)."""
+    if key not in runs:
+        runs[key] = new
+        return
+    old = runs[key]
+    old["step_s"] += new["step_s"]
+    for phase, values in new.get("phases_s", {}).items():
+        old["phases_s"][phase] += values
+    old["peak_memory_bytes"] = max(old["peak_memory_bytes"], new["peak_memory_bytes"])
+    old["completion_len"] = (old["completion_len"] + new["completion_len"]) / 2
+
+
 def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, device: str, with_trl: bool,
-                log=print) -> dict:
+                rounds: int = 2, log=print) -> dict:
     """Both layer sets of one model, both tools; returns the medians, ratios and floors."""
     from onelayer.models import build_tiny
     from onelayer.models.layers import select_layers
@@ -307,17 +332,23 @@ def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, dev
     s = _shape(built.config)
     if threads:
         torch.set_num_threads(threads)
-    rate = matmul_gflops(64, s["H"], s["I"], device=device)
+    rates = {kernel: matmul_gflops(64, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "lean")}
+    rate = max(rates.values())  # the floor uses the fastest matmul this machine offers
     result: dict = {"model": model, "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
-                    "matmul_shape": [64, s["H"], s["I"]], "matmul_gflops": round(rate, 1), "runs": {}}
+                    "matmul_shape": [64, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
+                    "lean_matmul_gflops": round(rates["lean"], 1), "floor_gflops": round(rate, 1), "runs": {}}
+    tools = ("onelayer", "trl") if with_trl else ("onelayer",)
+    order = [(layers, tool) for layers in LAYER_SETS for tool in tools]
     with tempfile.TemporaryDirectory(prefix="onelayer-bench-") as model_dir:
         built.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
-        for layers in LAYER_SETS:
-            spec = BenchSpec(model=model, layers=layers, steps=steps, warmup=warmup, threads=threads)
-            for tool in ("onelayer", "trl") if with_trl else ("onelayer",):
-                log(f"  {model} layers={layers}: {tool} ({warmup} warm-up + {steps} timed steps)")
-                result["runs"][f"{tool}/{layers}"] = _run_worker(tool, spec, model_dir, device)
+        # rounds alternate the order of the runs, so slow drift of the machine's speed hits every run alike;
+        # step times of all rounds are pooled per run
+        for r in range(rounds):
+            for layers, tool in (order if r % 2 == 0 else order[::-1]):
+                spec = BenchSpec(model=model, layers=layers, steps=steps, warmup=warmup, threads=threads)
+                log(f"  {model} layers={layers}: {tool} (round {r + 1}/{rounds}: {warmup} warm-up + {steps} timed steps)")
+                _pool(result["runs"], f"{tool}/{layers}", _run_worker(tool, spec, model_dir, device))
 
     runs = result["runs"]
     med = {k: _median(r["step_s"]) for k, r in runs.items()}
@@ -354,7 +385,7 @@ def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, dev
 
 
 def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads: int | None = None,
-              device: str = "cpu", with_trl: bool = True, log=print) -> dict:
+              device: str = "cpu", with_trl: bool = True, rounds: int = 2, log=print) -> dict:
     """The whole benchmark. Top-level keys of the result: the first model's ratios (`full_vs_trl`,
     `layer_vs_trl`, `layer_update_vs_full_update`, `full_vs_floor`, …), `settings`, and `models` (per model)."""
     if steps < 5:
@@ -362,7 +393,7 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
     if with_trl and not trl_available():
         raise BenchError("TRL is not installed; pip install 'onelayer[bench]' (or pass --no-trl to time onelayer alone)")
     settings = {"prompts": 16, "num_generations": 4, "max_new_tokens": 24, "learning_rate": 1e-4, "beta": 0.0,
-                "num_iterations": 1, "steps": steps, "warmup": warmup, "threads": threads or torch.get_num_threads(),
+                "num_iterations": 1, "steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads or torch.get_num_threads(),
                 "device": device, "torch": torch.__version__}
     if with_trl:
         import trl
@@ -372,7 +403,7 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
     for m in models:
         log(f"benchmarking {m}")
         per_model[m] = bench_model(m, steps=steps, warmup=warmup, threads=threads, device=device, with_trl=with_trl,
-                                   log=log)
+                                   rounds=rounds, log=log)
     return {**per_model[models[0]]["summary"], "settings": settings, "models": per_model}
 
 
@@ -382,7 +413,7 @@ def format_report(result: dict) -> str:
     for name, m in result["models"].items():
         s = m["summary"]
         lines.append(f"{name} (hidden {m['shape']['H']} x {m['shape']['L']} blocks; middle block {m['middle_block']}; "
-                     f"matmul {m['matmul_shape']} at {m['matmul_gflops']} GFLOP/s)")
+                     f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, lean {m['lean_matmul_gflops']} GFLOP/s)")
         for layers, key in (("all", "full"), ("middle:1", "layer")):
             ph = s[f"onelayer_{key}_phases_s"]
             run = m["runs"][f"onelayer/{layers}"]

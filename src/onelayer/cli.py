@@ -153,8 +153,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--models: {m!r} is not a built-in tiny model; choose from {', '.join(BUILTIN_MODELS)}")
     if args.warmup < 1:
         raise ConfigError(f"--warmup {args.warmup}: at least one warm-up step")
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: at least one round")
     result = run_bench(models, steps=args.steps, warmup=args.warmup, threads=args.threads, device=args.device,
-                       with_trl=not args.no_trl, log=lambda msg: print(msg, file=sys.stderr))
+                       with_trl=not args.no_trl, rounds=args.rounds, log=lambda msg: print(msg, file=sys.stderr))
     print(format_report(result))
     if args.json:
         atomic_write_json(args.json, result)
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="tiny-qwen3,tiny-qwen3-large", help="comma-separated built-in tiny models")
     p.add_argument("--steps", type=int, default=6, help="timed steps per run (medians; at least 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=2, help="repeat every run this often, in alternating order (pooled)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in every run (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-trl", action="store_true", help="time onelayer alone (no TRL installed)")
