@@ -114,13 +114,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return _onednn(x, w, b)
 
 
+def _pair_order(d: int) -> torch.Tensor:
+    """Row order within a head that puts each rotary pair (i, i + d/2) side by side: 0, d/2, 1, d/2+1, …"""
+    return torch.arange(d).view(2, d // 2).t().reshape(-1)
+
+
 class LeanDecoder:
     """Prefill + one-token decode steps for one rollout, with its own preallocated KV cache.
 
-    On CPU the weights are gathered once per rollout (they do not change during one): q/k/v and gate/up
-    concatenated into one matrix each, and each RMSNorm weight folded into the matrix that follows it
-    (`(w * y) W^T = y (W diag w)^T`), so a block is 4 matmuls and a handful of elementwise ops. On GPU
-    the model's own tensors are used as they are (no copies of a large model's weights).
+    On CPU (`fold`) the weights are gathered once per rollout (they do not change during one): q/k/v and
+    gate/up concatenated into one matrix each, each RMSNorm weight folded into the matrix that follows it
+    (`(w * y) W^T = y (W diag w)^T`), the attention scale folded into the queries, and the q/k rows of each
+    head reordered so that rotary pairs are adjacent — the rotation is then one complex multiply, and
+    q·k is unchanged because queries and keys are reordered alike. Residual adds are fused into the
+    output projections. On GPU the model's own tensors are used as they are (no copies of a large model).
 
     `capture` (a block index) records the hidden states entering that block for every position fed in
     (`self.captured`: [B, L, H], rows in the final batch order; zeros where nothing was fed).
@@ -133,43 +140,59 @@ class LeanDecoder:
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.head_dim = d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.fold = self.device.type == "cpu"  # fewer, larger ops where per-op overhead dominates
         self.embed = inner.embed_tokens
         self.layers = [self._gather(b) for b in inner.layers]
-        self.final_eps = _eps(inner.norm)
-        self.head = self._fold([model.lm_head], inner.norm)
+        self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim], exactly the model's rotary table
-        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.rot = torch.complex(cos[0, :, : d // 2].float(), sin[0, :, : d // 2].float())  # [max_len, d/2]
+        shape = (batch, self.kv_heads, max_len, d)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.capture = capture
         self.captured = (torch.zeros(batch, max_len, cfg.hidden_size, dtype=self.dtype, device=self.device)
                          if capture is not None else None)
 
-    def _fold(self, linears, norm) -> dict:
-        """One projection from `norm`'s output through `linears` (concatenated, norm weight folded on CPU)."""
-        biases = [m.bias for m in linears]
+    def _fold(self, weights, norm) -> dict:
+        """One projection from `norm`'s output through `weights` [(W, b), …] (concatenated and with the norm
+        weight folded in on CPU)."""
         bias = None
-        if any(b is not None for b in biases):
-            bias = [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for m, b in zip(linears, biases)]
+        if any(b is not None for _, b in weights):
+            bias = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in weights]
         if not self.fold:
-            return {"w": [m.weight for m in linears], "b": bias, "norm_w": norm.weight, "eps": _eps(norm)}
-        w = torch.cat([m.weight for m in linears]) * norm.weight.to(linears[0].weight.dtype)
+            return {"w": [w for w, _ in weights], "b": bias, "norm_w": norm.weight, "eps": _eps(norm)}
+        w = torch.cat([w for w, _ in weights]) * norm.weight.to(weights[0][0].dtype)
         return {"w": [w], "b": None if bias is None else [torch.cat(bias)], "norm_w": None, "eps": _eps(norm)}
 
     def _gather(self, block) -> dict:
         attn, mlp = block.self_attn, block.mlp
+        h, kvh, d = self.heads, self.kv_heads, self.head_dim
+        q, k = (attn.q_proj.weight, attn.q_proj.bias), (attn.k_proj.weight, attn.k_proj.bias)
+        qn = getattr(attn, "q_norm", None)
+        qn_w, kn_w = (qn.weight, attn.k_norm.weight) if qn is not None else (None, None)
+        if self.fold:  # pair rotary dimensions and pre-scale the queries (see the class docstring)
+            order = _pair_order(d).to(self.device)
+
+            def reorder(w, b, heads):
+                idx = (torch.arange(heads, device=self.device)[:, None] * d + order).reshape(-1)
+                return w[idx], None if b is None else b[idx]
+
+            q, k = reorder(*q, h), reorder(*k, kvh)
+            if qn is not None:
+                qn_w, kn_w = qn_w[order] * d**-0.5, kn_w[order]
+            else:
+                q = (q[0] * d**-0.5, None if q[1] is None else q[1] * d**-0.5)
         qk_norm = None
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm of q and k, one weight row per head
-            qk_norm = (torch.cat([attn.q_norm.weight.expand(self.heads, -1), attn.k_norm.weight.expand(self.kv_heads, -1)]),
-                       _eps(attn.q_norm))
+        if qn is not None:  # Qwen3: per-head RMSNorm of q and k, one weight row per head
+            qk_norm = (torch.cat([qn_w.expand(h, -1), kn_w.expand(kvh, -1)]), _eps(qn))
         return {
-            "qkv": self._fold([attn.q_proj, attn.k_proj, attn.v_proj], block.input_layernorm), "qk_norm": qk_norm,
-            "o": (attn.o_proj.weight, attn.o_proj.bias),
-            "gate_up": self._fold([mlp.gate_proj, mlp.up_proj], block.post_attention_layernorm),
+            "qkv": self._fold([q, k, (attn.v_proj.weight, attn.v_proj.bias)], block.input_layernorm),
+            "qk_norm": qk_norm, "o": (attn.o_proj.weight, attn.o_proj.bias),
+            "gate_up": self._fold([(mlp.gate_proj.weight, mlp.gate_proj.bias), (mlp.up_proj.weight, mlp.up_proj.bias)],
+                                  block.post_attention_layernorm),
             "down": (mlp.down_proj.weight, mlp.down_proj.bias),
         }
 
@@ -183,10 +206,20 @@ class LeanDecoder:
         outs = [linear(y, w, b) for w, b in zip(proj["w"], bias)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
-    @staticmethod
-    def _rotate(x, cos, sin):
+    def _rotate(self, x, positions):
+        """Rotary embedding of x [B, S, heads, d] at `positions` [B, S]."""
+        if self.fold:  # rows were reordered into adjacent pairs: one complex multiply
+            z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * self.rot[positions][:, :, None]
+            return torch.view_as_real(z).flatten(-2).to(x.dtype)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def _residual(self, x, a, w, b):
+        """x + a W^T (+ b); on CPU the add is fused into the oneDNN matmul."""
+        if self.fold and _ONEDNN and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise.binary(a, x, w, b, "add")
+        return x + linear(a, w, b)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,8 +229,8 @@ class LeanDecoder:
         B, S = ids.shape
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         end = start + S
+        scale = 1.0 if self.fold else d**-0.5  # folded into the queries on CPU
         x = self.embed(ids)
-        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, S, 1, d]
         for i, layer in enumerate(self.layers):
             if i == self.capture:
                 self.captured[rows if rows is not None else slice(0, B), start:end] = x
@@ -206,23 +239,25 @@ class LeanDecoder:
             if layer["qk_norm"] is not None:
                 w, eps = layer["qk_norm"]
                 qk = w * torch.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype)
-            qk = self._rotate(qk, cos, sin)  # [B, S, h + kvh, d]
+            qk = self._rotate(qk, positions)  # [B, S, h + kvh, d]
             self.k[i][:B, :, start:end] = qk[:, :, h:].transpose(1, 2)
             self.v[i][:B, :, start:end] = v.transpose(1, 2)
             keys, values = self.k[i][:B, :, :end], self.v[i][:B, :, :end]
             if S == 1:  # decode: grouped-query attention as two small matmuls, no K/V repeat
                 q = qk[:, 0, :h].reshape(B, kvh, h // kvh, d)
-                scores = (q @ keys.transpose(-1, -2)) * d**-0.5  # [B, kvh, g, end]
+                scores = q @ keys.transpose(-1, -2)  # [B, kvh, g, end]
+                if scale != 1.0:
+                    scores = scores * scale
                 if mask is not None:
                     scores = scores.masked_fill(~mask, float("-inf"))
                 a = (scores.softmax(-1) @ values).reshape(B, 1, h * d)
             else:
                 q = qk[:, :, :h].transpose(1, 2)
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kvh != h)
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kvh != h, scale=scale)
                 a = a.transpose(1, 2).reshape(B, S, h * d)
-            x = x + linear(a, *layer["o"])
+            x = self._residual(x, a, *layer["o"])
             g, u = self._project(x, layer["gate_up"]).chunk(2, -1)
-            x = x + linear(F.silu(g) * u, *layer["down"])
+            x = self._residual(x, F.silu(g) * u, *layer["down"])
         return self._project(x[:, -1], self.head).float()
 
     def repeat_rows(self, index: torch.Tensor) -> None:
