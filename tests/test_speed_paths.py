@@ -235,3 +235,13 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "not a built-in tiny model" in capsys.readouterr().err
     assert main(["bench", "--models", "tiny-qwen3", "--steps", "3", "--no-trl"]) == 2
     assert "at least 5" in capsys.readouterr().err
+
+
+def test_bench_without_trl_says_how_to_install_it(monkeypatch, capsys):
+    import onelayer.bench as bench
+    from onelayer.cli import main
+
+    monkeypatch.setattr(bench, "trl_available", lambda: False)
+    assert main(["bench", "--models", "tiny-qwen3"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'onelayer[bench]'" in err and "--no-trl" in err and "Traceback" not in err
