@@ -245,3 +245,55 @@ def test_bench_without_trl_says_how_to_install_it(monkeypatch, capsys):
     assert main(["bench", "--models", "tiny-qwen3"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'onelayer[bench]'" in err and "--no-trl" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["cpu-layout", "gpu-layout"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_lean_decoder_layouts_match_the_models_forward(kind, fold):
+    """Both weight layouts of the lean decoder (gathered and folded on CPU; the model's own tensors on GPU)
+    give the model's logits for a left-padded prefill and the decode steps after it."""
+    from onelayer.rollout.lean import LeanDecoder
+
+    model = build(kind).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    nxt = torch.tensor([[13, 14], [15, 16]])
+    full_ids, full_mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ref = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
+        dec = LeanDecoder(model, 2, 7, fold=fold)
+        q, k = torch.arange(5)[:, None], torch.arange(5)[None, :]
+        prefill_mask = ((k <= q) & mask.bool()[:, None, None, :]) | (k == q)
+        got = [dec.forward(ids, pos[:, :5], 0, prefill_mask)]
+        for t in range(2):
+            step_mask = full_mask.bool()[:, None, None, : 6 + t]
+            got.append(dec.forward(nxt[:, t : t + 1], pos[:, 5 + t : 6 + t], 5 + t, step_mask))
+    for i, logits in enumerate(got):
+        assert (logits - ref[:, 4 + i]).abs().max() < 1e-4
+
+
+def test_trainer_drives_a_drop_in_sampler_like_vllm(tmp_path, monkeypatch):
+    """The rollout_backend hook: the trainer syncs weights into the sampler before every rollout, asks it
+    for no hidden states, and computes the frozen prefix once per batch itself."""
+    import onelayer.train.loop as loop
+    from onelayer.config import TrainConfig
+
+    calls = {"sync": 0, "sample": 0}
+
+    class FakeEngine:
+        def sync_weights(self, model):
+            calls["sync"] += 1
+            assert all(p.requires_grad == n.startswith("model.layers.3.") for n, p in model.named_parameters())
+
+        def __call__(self, model, prompts, **kw):
+            assert "capture_block" not in kw  # an engine hands out no hidden states
+            calls["sample"] += 1
+            return sample(model, prompts, **kw)
+
+    monkeypatch.setattr(loop, "rollout_sampler", lambda *a, **k: FakeEngine())
+    cfg = TrainConfig(layers="3", warm_start=False, max_steps=2, prompts_per_step=4, num_generations=4,
+                      max_completion_length=8, task_opts={"n_eval": 8}, progress=False, save_every=100, threads=1)
+    record = loop.run(cfg, tmp_path / "run", log=lambda *_: None)
+    assert calls == {"sync": 2, "sample": 2}
+    assert record["frozen_unchanged"]

@@ -133,7 +133,7 @@ class LeanDecoder:
     (`self.captured`: [B, L, H], rows in the final batch order; zeros where nothing was fed).
     """
 
-    def __init__(self, model, batch: int, max_len: int, capture: int | None = None):
+    def __init__(self, model, batch: int, max_len: int, capture: int | None = None, fold: bool | None = None):
         inner = model.model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -141,7 +141,8 @@ class LeanDecoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.fold = self.device.type == "cpu"  # fewer, larger ops where per-op overhead dominates
+        # fewer, larger ops where per-op overhead dominates (CPU); `fold` overrides (tests run both layouts)
+        self.fold = self.device.type == "cpu" if fold is None else fold
         self.embed = inner.embed_tokens
         self.layers = [self._gather(b) for b in inner.layers]
         self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
