@@ -255,20 +255,24 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     )
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=trl_digit_reward, args=args,
                           train_dataset=data, callbacks=[Timer()])
-    orig = trainer._generate_and_score_completions
+    # TRL's generation + scoring time and completion lengths, through a private method: when a TRL version
+    # lacks it, those two are just not reported
+    orig = getattr(trainer, "_generate_and_score_completions", None)
 
-    def record_lengths(*a, **kw):  # generation + scoring time and mean completion length per step
+    def record_lengths(*a, **kw):
         t0 = time.perf_counter()
         out = orig(*a, **kw)
         generate_s.append(time.perf_counter() - t0)
         lengths.append(float(out["completion_mask"].sum(1).float().mean()))
         return out
 
-    trainer._generate_and_score_completions = record_lengths
+    if orig is not None:
+        trainer._generate_and_score_completions = record_lengths
     trainer.train()
     return {
-        "step_s": times[spec.warmup:], "completion_len": statistics.mean(lengths[spec.warmup:]),
-        "phases_s": {"generate_and_score": generate_s[spec.warmup:]},
+        "step_s": times[spec.warmup:],
+        "completion_len": statistics.mean(lengths[spec.warmup:]) if lengths[spec.warmup:] else float("nan"),
+        "phases_s": {"generate_and_score": generate_s[spec.warmup:]} if generate_s[spec.warmup:] else {},
         "optimizer_bytes": opt_bytes[-1] if opt_bytes else 0, "trainable_params": sel.trainable_params,
         "peak_memory_bytes": _peak_memory_bytes(device),
     }
@@ -312,7 +316,7 @@ def _pool(runs: dict, key: str, new: dict) -> None:
     old = runs[key]
     old["step_s"] += new["step_s"]
     for phase, values in new.get("phases_s", {}).items():
-        old["phases_s"][phase] += values
+        old["phases_s"].setdefault(phase, []).extend(values)
     old["peak_memory_bytes"] = max(old["peak_memory_bytes"], new["peak_memory_bytes"])
     old["completion_len"] = (old["completion_len"] + new["completion_len"]) / 2
 
@@ -425,8 +429,9 @@ def format_report(result: dict) -> str:
             )
             if f"trl/{layers}" in m["runs"]:
                 trl = m["runs"][f"trl/{layers}"]
-                gen = _median(trl["phases_s"]["generate_and_score"])
-                lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  (generate + score {gen * 1e3:.1f})  "
+                gen = trl["phases_s"].get("generate_and_score")
+                gen = f"(generate + score {_median(gen) * 1e3:.1f})  " if gen else ""
+                lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  {gen}"
                              f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
         ratios = ["full_vs_trl", "layer_vs_trl", "layer_update_vs_full_update", "full_vs_floor", "floor_vs_trl",
                   "layer_peak_memory_vs_full"]
