@@ -201,3 +201,24 @@ def test_cli_out_of_range_layer_matches_the_trainer(capsys):
 def test_cli_rejects_bad_sizes(capsys):
     assert main(["plan", "--model-config", "qwen3-0.6b", "--layers", "1", "--seq-len", "0"]) == 2
     assert "--seq-len" in capsys.readouterr().err
+
+
+def test_adam_states_at_the_weights_dtype_match_the_trainers_optimizer():
+    """`--adam-states weights` is what `torch.optim.AdamW` on bf16 parameters (onelayer train --dtype
+    bfloat16) holds: two moments at 2 bytes each, no master copy; the default is mixed precision."""
+    import torch
+
+    from onelayer.models import build_tiny
+    from onelayer.models.layers import select_layers, trainable_parameters
+
+    plan = plan_memory("tiny-qwen3", "middle:1", dtype="bf16", adam_states="weights")
+    model, _ = build_tiny("tiny-qwen3")
+    model = model.to(torch.bfloat16)
+    select_layers(model, "middle:1")
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params)
+    sum(p.float().sum() for p in params).backward()
+    opt.step()
+    moments = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
+    assert plan["selected"]["optimizer_bytes"] == moments == 4 * plan["selected"]["trainable_params"]
+    assert plan_memory("tiny-qwen3", "middle:1", dtype="bf16")["selected"]["optimizer_bytes"] == 12 * moments // 4

@@ -135,7 +135,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--beta {args.beta}: must be >= 0")
     plan = plan_memory(args.model_config, args.layers, dtype=args.dtype, batch_size=args.batch_size,
                        seq_len=args.seq_len, beta=args.beta, train_embeddings=args.train_embeddings,
-                       train_lm_head=args.train_lm_head, block_path=args.block_path)
+                       train_lm_head=args.train_lm_head, block_path=args.block_path, adam_states=args.adam_states)
     print(format_plan(plan))
     if args.json:
         atomic_write_json(args.json, plan)
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="micro-batch: sequences per forward/backward pass (default 64)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence, prompt + completion (default 1024)")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds a reference copy of the trainable tensors")
+    p.add_argument("--adam-states", default="fp32", choices=("fp32", "weights"),
+                   help="fp32: mixed precision (fp32 moments + fp32 master copy; default); weights: moments at the "
+                        "weights dtype, no master (what onelayer train --dtype bfloat16 does)")
     p.add_argument("--train-embeddings", action="store_true", help="as in train: also train the input embeddings")
     p.add_argument("--train-lm-head", action="store_true", help="as in train: also train the LM head")
     p.add_argument("--block-path", help="dotted path of the decoder blocks' ModuleList, if discovery fails")

@@ -236,8 +236,13 @@ def plan_memory(
     train_embeddings: bool = False,
     train_lm_head: bool = False,
     block_path: str | None = None,
+    adam_states: str = "fp32",
 ) -> dict:
     """Memory of full-parameter training ("full") and of training `layers` ("selected"), in bytes.
+
+    `adam_states`: "fp32" (mixed precision: fp32 moments, plus an fp32 master copy when the weights are
+    not fp32) or "weights" (moments at the weights dtype, no master copy — `torch.optim.AdamW` on the
+    parameters as they are, which is what `onelayer train --dtype bfloat16` does).
 
     `batch_size` is the micro-batch: sequences per forward/backward pass, each `seq_len` tokens
     (prompt + completion). Raises ModelError for an unknown config and LayerSpecError (the trainer's
@@ -249,7 +254,12 @@ def plan_memory(
         raise ValueError(f"beta must be >= 0 (got {beta})")
     dtype = _normalize_dtype(dtype)
     w = DTYPE_BYTES[dtype]
-    opt_per_param = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if dtype != "fp32" else 0)
+    if adam_states not in ("fp32", "weights"):
+        raise ValueError(f"adam_states must be fp32 or weights (got {adam_states!r})")
+    if adam_states == "weights":
+        opt_per_param = 2 * w
+    else:
+        opt_per_param = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if dtype != "fp32" else 0)
     config, source = resolve_config(model_config)
     shape = block_shape(config)
     model = meta_model(config)
@@ -265,6 +275,9 @@ def plan_memory(
 
     a_block = activation_elements_per_token_per_block(shape)
     master = " + fp32 master weights (4 bytes)" if dtype != "fp32" else " (weights already fp32: no master copy)"
+    optimizer = (f"AdamW: exp_avg + exp_avg_sq in fp32 (8 bytes per trainable parameter){master}"
+                 if adam_states == "fp32" else
+                 f"AdamW: exp_avg + exp_avg_sq at {dtype} ({2 * w} bytes per trainable parameter), no master copy")
     return {
         "model_config": str(model_config),
         "config_source": source,
@@ -274,6 +287,7 @@ def plan_memory(
         "block_path": sel.block_path,
         "non_embedding_params": non_embedding_params(model),
         "dtype": dtype,
+        "adam_states": adam_states,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "beta": beta,
@@ -283,7 +297,7 @@ def plan_memory(
         "assumptions": {
             "weights": f"every parameter resident at {dtype} ({w} bytes); gradients at {dtype} for trainable "
                        "parameters only; a tied embedding/head tensor counts once",
-            "optimizer": f"AdamW: exp_avg + exp_avg_sq in fp32 (8 bytes per trainable parameter){master}",
+            "optimizer": optimizer,
             "optimizer_bytes_per_trainable_param": opt_per_param,
             "activations": f"micro-batch {batch_size} x {seq_len} tokens; blocks from the lowest trainable one "
                            f"upward save a_block = 4h + 3q + 3kv + 4i = {a_block} elements per token at {dtype} "
@@ -321,10 +335,11 @@ def format_plan(plan: dict) -> str:
     full, sel = plan["full"], plan["selected"]
     n = plan["num_layers"]
     master = " + fp32 master" if plan["dtype"] != "fp32" else ""
+    states = f"AdamW fp32 states{master}" if plan["adam_states"] == "fp32" else f"AdamW {plan['dtype']} states"
     lines = [
         f"{plan['model_config']}: {plan['architecture']}, {n} blocks, {_count(full['total_params'])} parameters "
         f"({_count(plan['non_embedding_params'])} non-embedding)",
-        f"weights {plan['dtype']}, AdamW fp32 states{master}, micro-batch {plan['batch_size']} x {plan['seq_len']} "
+        f"weights {plan['dtype']}, {states}, micro-batch {plan['batch_size']} x {plan['seq_len']} "
         f"tokens, beta {plan['beta']:g}",
         "",
         f"{'':<22}{'full (all)':>14}{'selected':>14}",
