@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-from onelayer.models.layers import select_layers, trainable_parameters
+from onelayer.models.layers import select_layers
 from onelayer.models.prefix import reuse_block, start_at_block
 from onelayer.rollout import sample, sequence_block_input, sequence_logprobs
 from onelayer.rollout.lean import lean_available, lean_support

@@ -1,19 +1,22 @@
-"""A lean decode path for Llama-family decoders (Qwen3, Qwen2, Llama, Mistral), used by `rollout.sample`.
+"""Lean paths for Llama-family decoders (Qwen3, Qwen2, Llama, Mistral): rollout decoding and the training forward.
 
-On a CPU the tiny models spend most of a decode step in per-op and per-module Python overhead, not in
-arithmetic: one HF forward of a 64-row decode step runs ~40 modules and ~400 tensor ops. This path runs
-the same math straight from the model's own parameters (nothing is copied on GPUs; on CPU the q/k/v and
-gate/up projections are concatenated once per rollout so each is one matmul):
+On a CPU the tiny models spend most of a decode step in per-op and per-module overhead, not in
+arithmetic: one HF forward of a 64-row decode step runs ~40 modules and ~400 tensor ops. These paths
+run the same math straight from the model's own parameters:
 
     x = embed(ids); per block: h = rms_norm(x); q, k, v = h Wq, h Wk, h Wv (+ biases); [Qwen3: per-head
-    rms_norm of q and k]; rotary(q, k) with the model's own rotary table; k, v written into a preallocated
-    cache; a = sdpa(q, K[:len], V[:len], mask); x += a Wo; x += down(silu(h' Wg) * h' Wu); logits of the
-    last position = rms_norm(x) W_head
+    rms_norm of q and k]; rotary(q, k) with the model's own rotary table; a = sdpa(q, K, V, mask);
+    x += a Wo; x += down(silu(h' Wg) * h' Wu); logits = rms_norm(x) W_head
 
-It is used only for architectures it reproduces exactly (checked by `lean_support`: the module layout
-of the HF Llama family, SiLU MLP, full attention everywhere) and, once per model object, only after its
-logits matched the model's own forward on a probe batch (`_verified`); anything else takes the HF path.
-It also hands out the hidden states entering a chosen block, which the trainer reuses (frozen prefix).
+`LeanDecoder` (used by `rollout.sample`) decodes into a preallocated KV cache; `lean_sequence_logprobs`
+(used by `rollout.sequence_logprobs`) is the differentiable forward of whole sequences, computing each
+prompt shared by G samples once. On CPU every float32 matmul goes through oneDNN (`linear`).
+
+They are used only for models they reproduce (`lean_support`: the module layout of the HF Llama
+family, plain `nn.Linear` projections, no hooks, SiLU MLP, full attention everywhere) and, once per
+model object, only after both matched the model's own forward on a probe batch (`_verified`);
+anything else takes the model's own forward. The decoder also hands out the hidden states entering a
+chosen block, which the trainer reuses (frozen prefix).
 """
 
 from __future__ import annotations
