@@ -358,6 +358,19 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
     )
 
 
+def check_sampling_args(num_generations: int, max_new_tokens: int, temperature: float, top_p: float,
+                        greedy: bool) -> None:
+    """The argument checks every sampler (this one, the vLLM one) applies."""
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample(
     model,
     prompts: list[list[int]],
@@ -385,14 +398,7 @@ def sample(
     frozen-prefix reuse; `block_path` locates the blocks if discovery needs help). `lean=False` forces the
     model's own forward even where `onelayer.rollout.lean` supports the architecture.
     """
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling_args(num_generations, max_new_tokens, temperature, top_p, greedy)
     was_training = model.training
     model.eval()
     try:

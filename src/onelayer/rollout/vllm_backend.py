@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from onelayer.rollout.sampling import RolloutBatch, left_pad, sequence_logprobs
+from onelayer.rollout.sampling import RolloutBatch, check_sampling_args, left_pad, sequence_logprobs
 
 __all__ = ["VLLM_MISSING", "VLLMSampler", "outputs_to_batch", "policy_dir", "require_vllm", "vllm_available"]
 
@@ -258,14 +258,7 @@ class VLLMSampler:
         samples. ``policy`` is the training model, needed when ``recompute_logprobs`` is set; the batch is put
         on ``device``, else on the policy's device, else on CUDA.
         """
-        if num_generations < 1:
-            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not greedy and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling_args(num_generations, max_new_tokens, temperature, top_p, greedy)
         if self.recompute_logprobs and policy is None:
             raise ValueError("recompute_logprobs=True needs the training model: pass policy=model")
         from vllm import SamplingParams
