@@ -7,6 +7,8 @@ supply a correct completion (a *demonstration*) for the supervised warm start of
 
 from __future__ import annotations
 
+import hashlib
+
 SPLITS = ("train", "eval")
 
 
@@ -22,6 +24,58 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     return split
+
+
+# -- options shared by the file-backed tasks (gsm8k, math, code_jsonl, humaneval) --------------------
+
+
+def check_sources(name: str, path, train_path, eval_path, formats: str = "") -> None:
+    """Exactly one of: `path` (split by eval_fraction), or both `train_path` and `eval_path`."""
+    if path is not None and (train_path is not None or eval_path is not None):
+        raise TaskError(f"{name}: pass either path (split by eval_fraction) or train_path/eval_path, not both")
+    if path is None and (train_path is None or eval_path is None):
+        given = "train_path" if train_path is not None else "eval_path" if eval_path is not None else None
+        hint = f" ({given} alone is not enough)" if given else ""
+        raise TaskError(f"{name}: no data{hint}; pass path=FILE (split into train/eval by eval_fraction) "
+                        f"or both train_path=FILE and eval_path=FILE{formats}")
+
+
+def source_options(path, train_path, eval_path) -> dict:
+    return {"path": None if path is None else str(path), "train_path": None if train_path is None else str(train_path),
+            "eval_path": None if eval_path is None else str(eval_path)}
+
+
+def check_fraction(name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        hint = " or null (no holdout)" if allow_none else ""
+        raise TaskError(f"{name}: eval_fraction={value!r} must be a number between 0 and 1 (exclusive){hint}")
+    return float(value)
+
+
+def check_count(name: str, key: str, n) -> int | None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise TaskError(f"{name}: {key}={n!r} must be a non-negative integer or null (all items)")
+    return n
+
+
+def check_seed(name: str, seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TaskError(f"{name}: seed={seed!r} must be an integer")
+    return seed
+
+
+def in_eval(seed: int, key: str, eval_fraction: float) -> bool:
+    """Whether the item with ``key`` goes to eval under the deterministic SHA-256 holdout."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+    return u < eval_fraction
+
+
+def first_n(splits: dict[str, list], n_train: int | None, n_eval: int | None) -> dict[str, list]:
+    """The train / eval splits cut to their first n_train / n_eval items (None: all)."""
+    cut = lambda items, n: items if n is None else items[:n]  # noqa: E731
+    return {"train": cut(splits["train"], n_train), "eval": cut(splits["eval"], n_eval)}
 
 
 class Task:

@@ -67,7 +67,6 @@ from __future__ import annotations
 import ast
 import builtins
 import gzip
-import hashlib
 import io
 import json
 import re
@@ -76,7 +75,10 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 from . import sandbox
-from .base import Task, TaskError, check_split
+from .base import (
+    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, in_eval,
+    source_options,
+)
 from .mathdata import read_source
 
 REWARDS = ("all", "fraction")
@@ -332,33 +334,6 @@ def mbpp_prompt(description: str, tests: Sequence[str], entry_point: str | None)
 # tasks
 
 
-def _in_eval(seed: int, key: str, eval_fraction: float) -> bool:
-    """Whether the item with ``key`` goes to eval under the deterministic SHA-256 holdout."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
-    return u < eval_fraction
-
-
-def _check_fraction(name: str, value, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        hint = " or null (no holdout)" if allow_none else ""
-        raise TaskError(f"{name}: eval_fraction={value!r} must be a number between 0 and 1 (exclusive){hint}")
-    return float(value)
-
-
-def _check_count_opt(name: str, key: str, n) -> int | None:
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise TaskError(f"{name}: {key}={n!r} must be a non-negative integer or null (all items)")
-    return n
-
-
-def _check_seed(name: str, seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TaskError(f"{name}: seed={seed!r} must be an integer")
-    return seed
-
-
 class CodeTask(Task):
     """Base class of code tasks; items carry ``prompt``, ``test``, ``entry_point`` (may be None),
     ``format`` ("humaneval": the completion continues the prompt; "mbpp": it is the whole program)
@@ -437,10 +412,10 @@ class HumanEvalTask(CodeTask):
     ):
         super().__init__(reward, timeout_s)
         self.options = {
-            "eval_fraction": _check_fraction(self.name, eval_fraction, allow_none=True),
-            "n_train": _check_count_opt(self.name, "n_train", n_train),
-            "n_eval": _check_count_opt(self.name, "n_eval", n_eval),
-            "seed": _check_seed(self.name, seed),
+            "eval_fraction": check_fraction(self.name, eval_fraction, allow_none=True),
+            "n_train": check_count(self.name, "n_train", n_train),
+            "n_eval": check_count(self.name, "n_eval", n_eval),
+            "seed": check_seed(self.name, seed),
             "reward": reward,
             "timeout_s": float(timeout_s),
         }
@@ -455,7 +430,7 @@ class HumanEvalTask(CodeTask):
         else:
             self._splits = {"train": [], "eval": []}
             for it in items:
-                self._splits["eval" if _in_eval(seed, it["id"], frac) else "train"].append(it)
+                self._splits["eval" if in_eval(seed, it["id"], frac) else "train"].append(it)
         for split, key in (("train", "n_train"), ("eval", "n_eval")):
             if self.options[key] is not None and self._splits[split] is not None:
                 self._splits[split] = self._splits[split][: self.options[key]]
@@ -494,21 +469,13 @@ class CodeJSONLTask(CodeTask):
     ):
         super().__init__(reward, timeout_s)
         name = self.name
-        if path is not None and (train_path is not None or eval_path is not None):
-            raise TaskError(f"{name}: pass either path (split by eval_fraction) or train_path/eval_path, not both")
-        if path is None and (train_path is None or eval_path is None):
-            given = "train_path" if train_path is not None else "eval_path" if eval_path is not None else None
-            hint = f" ({given} alone is not enough)" if given else ""
-            raise TaskError(f"{name}: no data{hint}; pass path=FILE (split into train/eval by eval_fraction) "
-                            f"or both train_path=FILE and eval_path=FILE (MBPP or HumanEval format .jsonl)")
+        check_sources(name, path, train_path, eval_path, " (MBPP or HumanEval format .jsonl)")
         self.options = {
-            "path": None if path is None else str(path),
-            "train_path": None if train_path is None else str(train_path),
-            "eval_path": None if eval_path is None else str(eval_path),
-            "eval_fraction": _check_fraction(name, eval_fraction, allow_none=False),
-            "n_train": _check_count_opt(name, "n_train", n_train),
-            "n_eval": _check_count_opt(name, "n_eval", n_eval),
-            "seed": _check_seed(name, seed),
+            **source_options(path, train_path, eval_path),
+            "eval_fraction": check_fraction(name, eval_fraction, allow_none=False),
+            "n_train": check_count(name, "n_train", n_train),
+            "n_eval": check_count(name, "n_eval", n_eval),
+            "seed": check_seed(name, seed),
             "subset": subset,
             "reward": reward,
             "timeout_s": float(timeout_s),
@@ -517,15 +484,12 @@ class CodeJSONLTask(CodeTask):
         if path is not None:
             splits: dict[str, list[dict]] = {"train": [], "eval": []}
             for it in self._read(o["path"], "train"):
-                splits["eval" if _in_eval(o["seed"], it["_key"], o["eval_fraction"]) else "train"].append(it)
+                splits["eval" if in_eval(o["seed"], it["_key"], o["eval_fraction"]) else "train"].append(it)
         else:
             splits = {"train": self._read(o["train_path"], "train"), "eval": self._read(o["eval_path"], "test")}
-        for split, key in (("train", "n_train"), ("eval", "n_eval")):
-            for it in splits[split]:
-                del it["_key"]
-            if o[key] is not None:
-                splits[split] = splits[split][: o[key]]
-        self._splits = splits
+        for it in splits["train"] + splits["eval"]:
+            del it["_key"]
+        self._splits = first_n(splits, o["n_train"], o["n_eval"])
 
     def items(self, split: str) -> list[dict]:
         check_split(split)

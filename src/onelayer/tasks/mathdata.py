@@ -34,7 +34,6 @@ when the prompt does not end in whitespace) — tiny models learn the answer for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,10 @@ import re
 import threading
 from pathlib import Path
 
-from .base import Task, TaskError, check_split
+from .base import (
+    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, in_eval,
+    source_options,
+)
 
 MAX_PARSE_CHARS = 2000  # bound on what is parsed without a timeout (worker threads)
 PARSE_TIMEOUT_S = 5  # math-verify timeouts, main thread only (signal.alarm takes whole seconds)
@@ -256,32 +258,18 @@ class MathDataTask(Task):
         subset: str | None = None,
     ):
         name = self.name
-        if path is not None and (train_path is not None or eval_path is not None):
-            raise TaskError(f"{name}: pass either path (split by eval_fraction) or train_path/eval_path, not both")
-        if path is None and (train_path is None or eval_path is None):
-            given = "train_path" if train_path is not None else "eval_path" if eval_path is not None else None
-            hint = f" ({given} alone is not enough)" if given else ""
-            raise TaskError(f"{name}: no data{hint}; pass path=FILE (split into train/eval by eval_fraction) or both train_path=FILE and eval_path=FILE")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TaskError(f"{name}: seed={seed!r} must be an integer")
-        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
-            raise TaskError(f"{name}: eval_fraction={eval_fraction!r} must be a number between 0 and 1 (exclusive)")
-        for key, n in (("n_train", n_train), ("n_eval", n_eval)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-                raise TaskError(f"{name}: {key}={n!r} must be a non-negative integer or null (all rows)")
+        check_sources(name, path, train_path, eval_path)
         template = self.default_template if prompt_template is None else prompt_template
         if not isinstance(template, str):
             raise TaskError(f"{name}: prompt_template must be a string like {self.default_template!r}")
         self.template = template
         self.options = {
-            "path": None if path is None else str(path),
-            "train_path": None if train_path is None else str(train_path),
-            "eval_path": None if eval_path is None else str(eval_path),
-            "eval_fraction": float(eval_fraction),
-            "n_train": n_train,
-            "n_eval": n_eval,
+            **source_options(path, train_path, eval_path),
+            "eval_fraction": check_fraction(name, eval_fraction),
+            "n_train": check_count(name, "n_train", n_train),
+            "n_eval": check_count(name, "n_eval", n_eval),
             "prompt_template": template,
-            "seed": seed,
+            "seed": check_seed(name, seed),
             "subset": subset,
         }
         self._subset = subset
@@ -310,17 +298,13 @@ class MathDataTask(Task):
                 "train": self._items(*read_source(o["train_path"], self.name, self._subset, "train")),
                 "eval": self._items(*read_source(o["eval_path"], self.name, self._subset, "test")),
             }
-        for split, key in (("train", "n_train"), ("eval", "n_eval")):
-            if o[key] is not None:
-                splits[split] = splits[split][: o[key]]
-        return splits
+        return first_n(splits, o["n_train"], o["n_eval"])
 
     def _holdout(self, items: list[dict]) -> dict[str, list[dict]]:
+        o = self.options
         splits: dict[str, list[dict]] = {"train": [], "eval": []}
         for it in items:
-            key = f"{self.options['seed']}:{it[self.question_field]}".encode()
-            u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-            splits["eval" if u < self.options["eval_fraction"] else "train"].append(it)
+            splits["eval" if in_eval(o["seed"], it[self.question_field], o["eval_fraction"]) else "train"].append(it)
         return splits
 
     def _items(self, tag: str, where: str, rows: list[tuple[str, dict]]) -> list[dict]:
