@@ -82,13 +82,22 @@ def test_processes_executor_matches_local(warm, tmp_path):
     assert [(r["job_id"], r["score"]) for r in a] == [(r["job_id"], r["score"]) for r in b]
 
 
+def steps_logged(out):
+    return sum(len(p.read_text().splitlines()) for p in out.glob("jobs/*/metrics.jsonl"))
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_jobs(warm, tmp_path):
     out = tmp_path / "kill"
     args = [sys.executable, "-m", "onelayer.cli", *sweep_args(out, "--layer-set", "5", "--set", "max_steps=40",
                                                                "--set", "save_every=3")]
+    # Kill at a random point of the training work (3 trained jobs x 40 steps), found by polling the
+    # metrics files rather than by wall-clock time, so a faster machine or trainer cannot finish first.
+    target = random.Random().randrange(0, 3 * 40 - 4)
     proc = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(random.Random().uniform(3.0, 15.0))
+    deadline = time.monotonic() + 300
+    while steps_logged(out) < target and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")}

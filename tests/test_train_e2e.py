@@ -117,7 +117,7 @@ def test_killed_run_resumes_from_checkpoint(base_dir, tmp_path):
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 240
     while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 10):
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "eval.json").exists(), "run finished before it could be killed"
