@@ -147,8 +147,11 @@ def test_start_at_block_restores_the_model_and_checks_shapes():
     blocks = list(model.model.layers)
     ids = torch.tensor([[5, 6, 7, 8]])
     hidden = sequence_block_input(model, ids, torch.ones_like(ids), 2)
+    for block in blocks:
+        block.attention_type = "full_attention"  # transformers 4.5x forwards read this from every block
     with start_at_block(model, 2, hidden):
         assert not isinstance(model.model.layers[0], type(blocks[0]))
+        assert [b.attention_type for b in model.model.layers] == ["full_attention"] * len(blocks)
     assert list(model.model.layers) == blocks
     with pytest.raises(ValueError, match="does not match"), start_at_block(model, 2, hidden[:, :2]):
         model(input_ids=ids)

@@ -70,8 +70,14 @@ def _returns_tuple(model: nn.Module, blocks: nn.ModuleList) -> bool:
 
 
 class _PassThrough(nn.Module):
-    def __init__(self, as_tuple: bool):
+    """Stands in for a skipped block. It keeps the block's plain attributes (`attention_type`, `layer_idx`, …),
+    which some models' forwards read from each block (transformers 4.5x: `mask[decoder_layer.attention_type]`)."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool):
         super().__init__()
+        for key, value in vars(block).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
         self.as_tuple = as_tuple
 
     def forward(self, *args, **kwargs):
@@ -98,7 +104,7 @@ def start_at_block(model: nn.Module, index: int, hidden: torch.Tensor, block_pat
     handle = blocks[index].register_forward_pre_hook(feed, with_kwargs=True)
     try:
         for i in range(index):
-            blocks[i] = _PassThrough(as_tuple)
+            blocks[i] = _PassThrough(originals[i], as_tuple)
         yield
     finally:
         for i, b in enumerate(originals):
