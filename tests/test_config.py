@@ -37,3 +37,9 @@ def test_yaml_errors(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml(bad)
+
+
+def test_gigpo_rejects_batch_scaling():
+    with pytest.raises(ConfigError, match="'scale_rewards': gigpo scales by group or not at all"):
+        make_config({"algo": "gigpo", "scale_rewards": "batch"})
+    assert make_config({"algo": "gigpo", "scale_rewards": "none"}).scale_rewards == "none"

@@ -145,6 +145,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.algo in PRESETS, "algo", f"must be one of {', '.join(PRESETS)}")
     need(cfg.loss_type is None or cfg.loss_type in LOSS_AGGREGATIONS, "loss_type", f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
     need(cfg.scale_rewards is None or cfg.scale_rewards in ("group", "batch", "none"), "scale_rewards", "must be group, batch or none")
+    need(cfg.algo != "gigpo" or cfg.scale_rewards != "batch", "scale_rewards",
+         "gigpo scales by group or not at all: use group or none")
     need(cfg.num_generations >= 2, "num_generations", "must be at least 2 (group advantages need a group)")
     need(cfg.prompts_per_step is None or cfg.prompts_per_step >= 1, "prompts_per_step", "must be at least 1")
     need(cfg.max_steps is None or cfg.max_steps >= 0, "max_steps", "must be >= 0")

@@ -71,7 +71,7 @@ def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = Tru
     """
     if preset.advantage == "gigpo":
         adv = gigpo_advantages(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, gamma=preset.gamma,
-                               omega=preset.omega, scale="group" if scale == "group" else "none")
+                               omega=preset.omega, scale=scale)
     else:  # episode level: each episode's return against its group's, given to every row of the episode
         traj, inverse = torch.unique(exp.traj_ids, return_inverse=True)
         returns = exp.step_rewards.new_zeros(len(traj)).index_add(0, inverse, exp.step_rewards)
