@@ -43,3 +43,9 @@ def test_gigpo_rejects_batch_scaling():
     with pytest.raises(ConfigError, match="'scale_rewards': gigpo scales by group or not at all"):
         make_config({"algo": "gigpo", "scale_rewards": "batch"})
     assert make_config({"algo": "gigpo", "scale_rewards": "none"}).scale_rewards == "none"
+
+
+def test_none_is_a_value_for_string_keys_and_unsets_numbers():
+    assert make_config({"scale_rewards": "none"}).scale_rewards == "none"  # not the preset's group scaling
+    assert make_config({"scale_rewards": "null"}).scale_rewards is None
+    assert make_config({"max_steps": "none"}).max_steps is None

@@ -90,7 +90,10 @@ def _coerce(key: str, value, annotation):
     hints = typing.get_args(annotation) or (annotation,)
     optional = type(None) in hints
     base = next((h for h in hints if h is not type(None)), str)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+    # "null" unsets an optional key; so does "none", except for strings, where it can be a value
+    # (scale_rewards=none means "no scaling", not "the preset's scaling").
+    unset = ("null",) if base is str else ("none", "null")
+    if value is None or (isinstance(value, str) and value.lower() in unset and optional):
         if optional:
             return None
         raise ConfigError(f"config key {key!r} must not be empty (expected {base.__name__})")
