@@ -103,6 +103,15 @@ def test_user_errors_exit_2_without_traceback(base_dir, tmp_path, args, needle):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_bad_layer_spec_fails_before_the_warm_start(tmp_path):
+    env = {**os.environ, "ONELAYER_CACHE": str(tmp_path / "empty-cache")}
+    res = subprocess.run([sys.executable, "-m", "onelayer.cli", "train", "--out", str(tmp_path / "x"), *FAST,
+                          "--layers", "12"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "index 12 is out of range; this model has 8 layers" in res.stderr
+    assert "warm start" not in res.stdout + res.stderr
+    assert not any((tmp_path / "empty-cache").rglob("*.safetensors"))
+
+
 def test_unknown_yaml_key_exit_2(tmp_path):
     (tmp_path / "c.yaml").write_text("layers: all\nnum_generation: 4\n")
     res = cli("train", "--out", str(tmp_path / "x"), "--config", str(tmp_path / "c.yaml"))

@@ -8,7 +8,8 @@ import random
 import torch
 
 from onelayer.config import ConfigError, TrainConfig
-from onelayer.models import BUILTIN_MODELS, load_policy
+from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers
+from onelayer.models.layers import parse_layer_spec
 from onelayer.rollout import sample
 from onelayer.train.warmstart import warm_started
 
@@ -36,6 +37,7 @@ def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
     """The policy to train: a built-in model is warm-started for the task (cached) unless disabled."""
     source = cfg.model
     if cfg.model in BUILTIN_MODELS and cfg.warm_start:
+        parse_layer_spec(cfg.layers, model_num_layers(cfg.model))  # a bad spec fails before the warm start
         source = warm_started(cfg.model, task, max_new_tokens=max_new, log=log)
     dtype = getattr(torch, cfg.dtype)
     model, tok = load_policy(source, dtype=dtype, device=device)
