@@ -140,6 +140,8 @@ def test_train_and_eval_on_grid_end_to_end(tmp_path, onelayer_cache, algo):
     rec = json.loads((out / "eval.json").read_text())
     assert rec["n"] == 20 and rec["task"] == "grid" and rec["frozen_unchanged"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"success_rate", "anchor_share_in_groups_gt1", "invalid_rate", "episode_len"} <= set(metrics[0])
+    assert {"success_rate", "anchor_share_in_groups_gt1", "invalid_rate", "episode_len", "reward_std"} <= set(metrics[0])
+    assert all(m["rollout_s"] > 0 and m["reward_s"] > 0 for m in metrics)  # environment time is not counted twice
+    assert all(m["rollout_s"] + m["reward_s"] + m["logprob_s"] + m["update_s"] <= m["seconds"] for m in metrics)
     assert main(["eval", "--model", str(out / "model"), *common[:6], "--out", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["n"] == 20

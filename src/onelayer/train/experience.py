@@ -26,7 +26,7 @@ class Experience:
     traj_ids: torch.Tensor  # LongTensor[S]
     group_ids: torch.Tensor  # LongTensor[S]
     anchors: list  # S hashable state keys
-    metrics: dict  # reward_mean (mean episode return) and, for agents, success / anchor statistics
+    metrics: dict  # reward_mean / reward_std over episode returns, phase times, for agents success / anchors
 
 
 def collect(model, tok, task, items: list[dict], *, num_generations: int, max_new_tokens: int, temperature: float,
@@ -41,9 +41,10 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
                    sample_fn=sample_fn)
         n = len(eps.won)
-        metrics = {"reward_mean": sum(eps.returns) / n, "success_rate": sum(eps.won) / n,
+        metrics = {**_mean_std(torch.tensor(eps.returns, dtype=torch.float32)), "success_rate": sum(eps.won) / n,
                    "episode_len": sum(eps.lengths) / n, "invalid_rate": 1 - sum(eps.valid) / max(1, len(eps.valid)),
-                   "rollout_s": time.perf_counter() - t0, "reward_s": eps.env_seconds,
+                   # the environment's time is the reward phase; the rest of the episodes is rollout
+                   "rollout_s": time.perf_counter() - t0 - eps.env_seconds, "reward_s": eps.env_seconds,
                    **{f"anchor_{k}": v for k, v in anchor_group_stats(eps.group_ids, eps.anchors).items()}}
         return Experience(eps.batch, eps.step_rewards, eps.traj_ids, eps.group_ids, eps.anchors, metrics)
     capture = {"capture_block": capture_block, "block_path": block_path} if capture_block is not None else {}
@@ -55,7 +56,12 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
     group = batch.prompt_index.cpu()
     rewards = torch.tensor(task.score_batch([items[i] for i in group.tolist()], completions), dtype=torch.float32)
     return Experience(batch, rewards, torch.arange(len(rewards)), group, group.tolist(),
-                      {"reward_mean": rewards.mean().item(), "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1})
+                      {**_mean_std(rewards), "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1})
+
+
+def _mean_std(returns: torch.Tensor) -> dict:
+    """reward_mean and reward_std over the step's episodes (returns, one per episode)."""
+    return {"reward_mean": returns.mean().item(), "reward_std": returns.std().item() if len(returns) > 1 else 0.0}
 
 
 def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = True) -> torch.Tensor:

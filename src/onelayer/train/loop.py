@@ -173,7 +173,6 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             metrics = {
                 "step": step + 1,
                 **exp.metrics,
-                "reward_std": exp.step_rewards.std().item() if len(exp.step_rewards) > 1 else 0.0,
                 **{k: v / updates for k, v in stats_sum.items()},
                 "grad_norm": grad_norm / updates,
                 "completion_len": batch.completion_lengths.float().mean().item(),
