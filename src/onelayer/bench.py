@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -97,12 +97,11 @@ def _register_bench_task() -> None:
 
 
 def _shape(config) -> dict:
-    H = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or H // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    return dict(H=H, I=config.intermediate_size, V=config.vocab_size, L=config.num_hidden_layers,
-                q=heads * head_dim, kv=kv * head_dim, heads=heads, head_dim=head_dim)
+    from onelayer.models.plan import block_shape
+
+    b = block_shape(config)
+    return dict(H=b["hidden"], I=b["intermediate"], V=b["vocab"], L=config.num_hidden_layers, q=b["q"], kv=b["kv"],
+                heads=b["q"] // b["head_dim"], head_dim=b["head_dim"])
 
 
 def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_tokens: int,
@@ -176,11 +175,6 @@ def _peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _optimizer_bytes(optimizer) -> int:
-    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-               if torch.is_tensor(t))
-
-
 def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     from onelayer.config import TrainConfig
     from onelayer.io import read_jsonl
@@ -201,7 +195,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     return {
         "step_s": [r["seconds"] for r in rows],
         "phases_s": {p[:-2]: [r[p] for r in rows] for p in phases},
-        "completion_len": statistics.mean(r["completion_len"] for r in rows),
+        "completion_len": [r["completion_len"] for r in rows],
         "optimizer_bytes": rows[-1]["optimizer_bytes"],
         "trainable_params": record["trainable_params"],
         "peak_memory_bytes": _peak_memory_bytes(device),
@@ -217,6 +211,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         raise BenchError(f"TRL is needed for the comparison ({e}); install it with pip install 'onelayer[bench]'") from None
     from onelayer import tasks
     from onelayer.models.layers import select_layers
+    from onelayer.train.loop import optimizer_state_bytes
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -242,10 +237,11 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
             if optimizer is not None:
-                opt_bytes.append(_optimizer_bytes(optimizer))
+                opt_bytes.append(optimizer_state_bytes(optimizer))
 
+    out_dir = tempfile.TemporaryDirectory(prefix="onelayer-bench-trl-")
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="onelayer-bench-trl-"), per_device_train_batch_size=spec.prompts * spec.num_generations,
+        output_dir=out_dir.name, per_device_train_batch_size=spec.prompts * spec.num_generations,
         num_generations=spec.num_generations, max_completion_length=spec.max_new_tokens,
         learning_rate=spec.learning_rate, lr_scheduler_type="constant", beta=0.0, num_iterations=1,
         loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
@@ -268,10 +264,11 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
 
     if orig is not None:
         trainer._generate_and_score_completions = record_lengths
-    trainer.train()
+    with out_dir:
+        trainer.train()
     return {
         "step_s": times[spec.warmup:],
-        "completion_len": statistics.mean(lengths[spec.warmup:]) if lengths[spec.warmup:] else float("nan"),
+        "completion_len": lengths[spec.warmup:],
         "phases_s": {"generate_and_score": generate_s[spec.warmup:]} if generate_s[spec.warmup:] else {},
         "optimizer_bytes": opt_bytes[-1] if opt_bytes else 0, "trainable_params": sel.trainable_params,
         "peak_memory_bytes": _peak_memory_bytes(device),
@@ -309,37 +306,38 @@ def _median(xs: list[float]) -> float:
 
 
 def _pool(runs: dict, key: str, new: dict) -> None:
-    """Add one round's measurements of a run to the earlier rounds' (lists concatenated, peaks maxed)."""
+    """Add one round's measurements of a run to the earlier rounds' (per-step lists concatenated, peaks maxed)."""
     if key not in runs:
         runs[key] = new
         return
     old = runs[key]
     old["step_s"] += new["step_s"]
+    old["completion_len"] += new["completion_len"]
     for phase, values in new.get("phases_s", {}).items():
         old["phases_s"].setdefault(phase, []).extend(values)
     old["peak_memory_bytes"] = max(old["peak_memory_bytes"], new["peak_memory_bytes"])
-    old["completion_len"] = (old["completion_len"] + new["completion_len"]) / 2
 
 
 def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, device: str, with_trl: bool,
                 rounds: int = 2, log=print) -> dict:
     """Both layer sets of one model, both tools; returns the medians, ratios and floors."""
     from onelayer.models import build_tiny
-    from onelayer.models.layers import select_layers
+    from onelayer.models.layers import middle_layers
     from onelayer import tasks
 
+    base = BenchSpec(model=model, steps=steps, warmup=warmup, threads=threads)
     built, tok = build_tiny(model, seed=0)
-    sel = select_layers(built, "middle:1")
-    mid = sel.indices[0]
-    prompts = [it["prompt"] for it in tasks.make("arith", n_eval=1).items("train")[:16]]
+    mid = middle_layers(1, built.config.num_hidden_layers)[0]
+    prompts = [it["prompt"] for it in tasks.make("arith", n_eval=1).items("train")[:base.prompts]]
     prompt_lens = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
     s = _shape(built.config)
     if threads:
         torch.set_num_threads(threads)
-    rates = {kernel: matmul_gflops(64, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "lean")}
+    rows = base.prompts * base.num_generations  # the decode matmuls' row count
+    rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "lean")}
     rate = max(rates.values())  # the floor uses the fastest matmul this machine offers
     result: dict = {"model": model, "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
-                    "matmul_shape": [64, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
+                    "matmul_shape": [rows, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
                     "lean_matmul_gflops": round(rates["lean"], 1), "floor_gflops": round(rate, 1), "runs": {}}
     tools = ("onelayer", "trl") if with_trl else ("onelayer",)
     order = [(layers, tool) for layers in LAYER_SETS for tool in tools]
@@ -350,15 +348,18 @@ def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, dev
         # step times of all rounds are pooled per run
         for r in range(rounds):
             for layers, tool in (order if r % 2 == 0 else order[::-1]):
-                spec = BenchSpec(model=model, layers=layers, steps=steps, warmup=warmup, threads=threads)
+                spec = replace(base, layers=layers)
                 log(f"  {model} layers={layers}: {tool} (round {r + 1}/{rounds}: {warmup} warm-up + {steps} timed steps)")
                 _pool(result["runs"], f"{tool}/{layers}", _run_worker(tool, spec, model_dir, device))
 
     runs = result["runs"]
+    for r in runs.values():  # per-step completion lengths -> their mean over all rounds
+        r["completion_len"] = statistics.mean(r["completion_len"]) if r["completion_len"] else float("nan")
     med = {k: _median(r["step_s"]) for k, r in runs.items()}
     phases = {k: {p: _median(v) for p, v in r["phases_s"].items()} for k, r in runs.items()}
     flops = {
-        layers: step_flops(built.config, prompt_lens=prompt_lens, num_generations=4, new_tokens=24,
+        layers: step_flops(built.config, prompt_lens=prompt_lens, num_generations=base.num_generations,
+                           new_tokens=base.max_new_tokens,
                            lowest_trainable=0 if layers == "all" else mid,
                            trainable_blocks=s["L"] if layers == "all" else 1, train_head=layers == "all")
         for layers in LAYER_SETS
@@ -396,8 +397,9 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
         raise BenchError(f"--steps {steps}: medians need at least 5 timed steps")
     if with_trl and not trl_available():
         raise BenchError("TRL is not installed; pip install 'onelayer[bench]' (or pass --no-trl to time onelayer alone)")
-    settings = {"prompts": 16, "num_generations": 4, "max_new_tokens": 24, "learning_rate": 1e-4, "beta": 0.0,
-                "num_iterations": 1, "steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads or torch.get_num_threads(),
+    spec = BenchSpec()
+    settings = {"prompts": spec.prompts, "num_generations": spec.num_generations, "max_new_tokens": spec.max_new_tokens,
+                "learning_rate": spec.learning_rate, "beta": 0.0, "num_iterations": 1, "steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads or torch.get_num_threads(),
                 "device": device, "torch": torch.__version__}
     if with_trl:
         import trl

@@ -177,7 +177,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
                 "grad_norm": grad_norm / updates,
                 "completion_len": batch.completion_lengths.float().mean().item(),
                 "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": elapsed,
-                "optimizer_bytes": _state_bytes(optimizer),
+                "optimizer_bytes": optimizer_state_bytes(optimizer),
             }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 metrics["eval_score"] = _mean(evaluate())
@@ -251,7 +251,7 @@ def _cached(path: Path, compute):
     return scores
 
 
-def _state_bytes(optimizer) -> int:
+def optimizer_state_bytes(optimizer) -> int:
     """Bytes held by the optimizer's state (AdamW: two moments per trainable tensor)."""
     return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
 
