@@ -22,12 +22,12 @@ def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, 
                    pass_k: tuple[int, ...] = (1, 10, 100), log=print) -> dict:
     setup_torch(cfg)
     task = tasks.make(cfg.task, **cfg.task_opts)
-    max_new = completion_budget(cfg, task)
-    model, tok, source = load_model(cfg, task, max_new, resolve_device(cfg.device), log)
-    items = task.items("eval")
     if samples > 1 and getattr(task, "is_agent", False):
         raise ConfigError(f"--samples applies to single-turn tasks; {cfg.task} is an agent task (its score is the "
                           "success rate over held-out seeds; set episodes per seed with --task-opt eval_samples=N)")
+    max_new = completion_budget(cfg, task)
+    model, tok, source = load_model(cfg, task, max_new, resolve_device(cfg.device), log)
+    items = task.items("eval")
     scores = task_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)
     score = sum(scores) / len(scores)
     record = {"score": score, "ci95": bootstrap_ci(scores), "n": len(scores), "task": cfg.task,
