@@ -29,7 +29,7 @@ from onelayer.models import build_tiny
 from onelayer.rollout import encode_prompts
 from onelayer.train.evaluate import task_scores
 
-WARM_VERSION = 2
+WARM_VERSION = 3  # bump when the fine-tuning procedure changes, so cached results are rebuilt
 
 
 class WarmStartError(RuntimeError):
