@@ -64,6 +64,25 @@ def test_env_registry_errors():
         envs.make("grid", difficulty=7)
     with pytest.raises(tasks.TaskError, match="history=-1"):
         tasks.make("grid", history=-1)
+    # a misspelt option names the agent's options as well as the environment's
+    with pytest.raises(tasks.TaskError, match="no option 'histroy'; valid options: .*difficulty.*history"):
+        tasks.make("grid", histroy=1)
+
+
+def test_agent_options_match_the_signature():
+    import inspect
+
+    from onelayer.tasks.agent import AGENT_OPTIONS, AgentTask
+
+    params = inspect.signature(AgentTask.__init__).parameters.values()
+    assert sorted(AGENT_OPTIONS) == sorted(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
+def test_too_few_distinct_seeds_is_logged(caplog):
+    task = tasks.make("grid", difficulty=1, n_train=300, n_eval=10)  # difficulty 1 has fewer than 300 layouts
+    with caplog.at_level("WARNING", logger="onelayer.tasks"):
+        n = len(task.items("train"))
+    assert n < 300 and f"only {n} distinct train seeds found (n_train=300)" in caplog.text
 
 
 def test_agent_task_splits_prompts_and_demos():

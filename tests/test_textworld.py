@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("textworld")
 
-from onelayer import envs  # noqa: E402
+from onelayer import envs, tasks  # noqa: E402
 from onelayer.envs import EnvError  # noqa: E402
 from onelayer.envs import textworld_env as twe  # noqa: E402
 from onelayer.envs.textworld_env import CHALLENGES, TextWorldEnv, clean_text  # noqa: E402
@@ -199,6 +199,12 @@ def test_bad_options_are_env_errors():
         TextWorldEnv(seed="3")
     with pytest.raises(EnvError):
         TextWorldEnv().reset("0")
+
+
+def test_task_options_shared_with_the_env_reach_it():
+    task = tasks.make("textworld", max_obs_chars=1000, seed=3)
+    assert task.env.max_obs_chars == 1000 and task.env.seed == 3  # not the env's own 600 / 0
+    assert task.make_env().options["max_obs_chars"] == 1000
 
 
 def test_missing_textworld_is_an_install_hint(monkeypatch):

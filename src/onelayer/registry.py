@@ -40,6 +40,10 @@ class Registry:
         """The registered names, sorted."""
         return sorted(self._factories)
 
+    def options(self, name: str) -> list[str] | None:
+        """The option names ``name``'s factory accepts (None: any, or ``name`` is not registered)."""
+        return option_names(self._factories[name]) if name in self._factories else None
+
     def make(self, name: str, **options):
         """Build ``name`` with ``options``; unknown names and options raise ``error`` naming the valid ones."""
         if name not in self._factories:

@@ -19,6 +19,7 @@ _ENVS = Registry("environment", "environments", EnvError)
 register = _ENVS.register
 registered = _ENVS.names
 make = _ENVS.make  # make(name, **options) -> Env; errors name the valid environments and options
+options = _ENVS.options  # options(name) -> the option names an environment accepts
 
 
 register("grid", GridEnv)

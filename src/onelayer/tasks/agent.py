@@ -1,7 +1,8 @@
 """Agent tasks: a multi-turn environment seen through the task interface the trainer uses.
 
 ``tasks.make("grid", difficulty=2, history=1)`` builds an ``AgentTask`` around ``envs.make("grid",
-difficulty=2)``: options the environment knows go to it, the rest are the agent's (below). An item is a
+difficulty=2)``: options the environment knows go to it, the rest are the agent's (below); one both
+know (``seed`` and ``max_obs_chars`` for ``textworld``) goes to both. An item is a
 seed (``{"id": "grid-17", "seed": 17}``); an episode resets the environment with it, and a group's G
 episodes all start from that seed.
 
@@ -42,14 +43,18 @@ Within a split, seeds with the same key are kept once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 
 from onelayer import envs
 from onelayer.envs import EnvError
 
-from .base import Task, TaskError, check_split
+from .base import Task, TaskError, check_seed, check_split
 
+log = logging.getLogger("onelayer.tasks")
 EVAL_MODULUS = 5
+AGENT_OPTIONS = ("history", "max_turns", "invalid_penalty", "n_train", "n_eval", "seed", "demo_noise",
+                 "max_obs_chars", "eval_samples", "eval_temperature")  # AgentTask's own options
 
 
 class AgentTask(Task):
@@ -66,6 +71,15 @@ class AgentTask(Task):
                  invalid_penalty: float = 0.1, n_train: int = 5000, n_eval: int = 200, seed: int = 0,
                  demo_noise: float = 0.3, max_obs_chars: int = 400, eval_samples: int = 4,
                  eval_temperature: float = 1.0, **env_options):
+        given = {k: v for k, v in locals().items() if k in AGENT_OPTIONS}
+        env_known = envs.options(env_name)
+        if env_known is not None:
+            for key in env_options:
+                if key not in env_known:
+                    raise TaskError(f"task {env_name!r} has no option {key!r}; valid options: "
+                                    f"{', '.join(sorted({*AGENT_OPTIONS, *env_known}))}")
+            # an option both know (textworld: seed, max_obs_chars) is set for both
+            env_options.update({k: v for k, v in given.items() if k in env_known})
         try:
             self.env = envs.make(env_name, **env_options)
         except EnvError as e:
@@ -82,8 +96,7 @@ class AgentTask(Task):
         for key, value in (("invalid_penalty", invalid_penalty), ("demo_noise", demo_noise)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise TaskError(f"{env_name}: {key}={value!r} must be a number in [0, 1]")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TaskError(f"{env_name}: seed={seed!r} must be an integer")
+        check_seed(env_name, seed)
         if isinstance(eval_temperature, bool) or not isinstance(eval_temperature, (int, float)) or eval_temperature <= 0:
             raise TaskError(f"{env_name}: eval_temperature={eval_temperature!r} must be a positive number")
         self.history, self.max_turns, self.invalid_penalty = history, max_turns, float(invalid_penalty)
@@ -121,6 +134,9 @@ class AgentTask(Task):
                 if is_eval == want_eval and key not in keys:
                     keys.add(key)
                     chosen.append({"id": f"{self.name}-{s}", "seed": s})
+            if len(chosen) < n:
+                log.warning("%s: only %d distinct %s seeds found (n_%s=%d); the split has %d items", self.name,
+                            len(chosen), split, split, n, len(chosen))
             self._cache[split] = chosen
         return [dict(it) for it in self._cache[split]]
 
