@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -81,3 +83,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def cache_root() -> Path:
+    """onelayer's cache: ``$ONELAYER_CACHE``, else ``$XDG_CACHE_HOME/onelayer`` (default ``~/.cache/onelayer``)."""
+    env = os.environ.get("ONELAYER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "onelayer"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive ``fcntl`` lock on ``path`` (created, with its folder, if missing) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -104,7 +104,6 @@ default 600 characters.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -116,6 +115,8 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+
+from onelayer.io import cache_root, file_lock, replace_dir
 
 from .base import Env, EnvError
 
@@ -256,8 +257,6 @@ class TextWorldEnv(Env):
         if self.cache_dir is not None:
             root = Path(self.cache_dir).expanduser()
         else:
-            from onelayer.train.warmstart import cache_root
-
             root = cache_root()
         key = json.dumps({"v": CACHE_VERSION, "challenge": self.challenge, "settings": self.game_settings,
                           "textworld": getattr(self._tw, "__version__", "?")}, sort_keys=True)
@@ -272,14 +271,9 @@ class TextWorldEnv(Env):
         path = final / "game.z8"
         if path.is_file():
             return path
-        parent.mkdir(parents=True, exist_ok=True)
-        with open(parent / f".{seed}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not path.is_file():
-                    self._generate(seed, final)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with file_lock(parent / f".{seed}.lock"):
+            if not path.is_file():
+                self._generate(seed, final)
         return path
 
     def _generate(self, seed: int, final: Path) -> None:
@@ -301,9 +295,7 @@ class TextWorldEnv(Env):
                 raise EnvError(f"textworld: generating {self.challenge} level {self.level} game {seed} failed "
                                f"(exit {proc.returncode}):\n{tail}")
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
-            if final.exists():  # a partial leftover (the lock makes a complete one impossible here)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            replace_dir(tmp, final)  # over a partial leftover, if any (the lock rules out a complete one)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -11,8 +11,6 @@ and reused by every later run; a file lock makes concurrent sweep workers build 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from onelayer.io import atomic_write_json, replace_dir
+from onelayer.io import atomic_write_json, cache_root, file_lock, replace_dir
 from onelayer.models import build_tiny
 from onelayer.rollout import encode_prompts
 from onelayer.train.evaluate import task_scores
@@ -48,13 +46,6 @@ class WarmStartSettings:
     seed: int = 0
 
 
-def cache_root() -> Path:
-    env = os.environ.get("ONELAYER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "onelayer"
-
-
 def settings_for(task) -> WarmStartSettings:
     """Tasks may tune the band via a `warm_start` attribute (a dict of WarmStartSettings fields)."""
     return WarmStartSettings(**getattr(task, "warm_start", {}))
@@ -69,24 +60,13 @@ def cache_dir(model_name: str, task, settings: WarmStartSettings) -> Path:
     return cache_root() / "warmstart" / f"{model_name}-{task.name}-{digest}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def warm_started(model_name: str, task, *, max_new_tokens: int, log=print) -> Path:
     """Path of the warm-started checkpoint for (model, task), building it on first use."""
     settings = settings_for(task)
     final = cache_dir(model_name, task, settings)
     if (final / "warmstart.json").is_file():
         return final
-    with _file_lock(final.with_name(final.name + ".lock")):
+    with file_lock(final.with_name(final.name + ".lock")):
         if (final / "warmstart.json").is_file():  # another process built it while we waited
             return final
         log(f"warm start: fine-tuning {model_name} on {task.name} demonstrations (once; cached in {final})")
