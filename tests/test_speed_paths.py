@@ -57,6 +57,19 @@ def assert_grads_close(ga: dict, gb: dict, rel=1e-4):
 # ---------------------------------------------------------------------------------------------- lean path
 
 
+def test_probe_catches_a_wrong_decode_step(monkeypatch):
+    from onelayer.rollout import lean
+
+    real = lean.LeanDecoder.forward
+
+    def off_in_decode(self, ids, *a, **kw):  # prefill right, every decode step slightly wrong
+        out = real(self, ids, *a, **kw)
+        return out + 1e-2 if ids.shape[1] == 1 else out
+
+    monkeypatch.setattr(lean.LeanDecoder, "forward", off_in_decode)
+    assert not lean_available(build("qwen3"))
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
 def test_lean_path_is_used_and_matches_the_models_forward(kind):
     model = build(kind)
