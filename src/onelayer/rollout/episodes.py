@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onelayer.rollout.sampling import RolloutBatch, decode_completions, sample
+from onelayer.rollout.sampling import RolloutBatch, decode_completions, encode_prompts, sample
 
 
 @dataclass
@@ -59,7 +59,7 @@ def play(model, tok, task, seeds: list[int], *, num_generations: int, max_new_to
             if not active:
                 break
             prompts = [task.prompt(history[e], obs[e], infos[e]["admissible"]) for e in active]
-            batch = sample_fn(model, [tok(p, add_special_tokens=False).input_ids for p in prompts], num_generations=1,
+            batch = sample_fn(model, encode_prompts(tok, prompts), num_generations=1,
                            max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
             turn_batches.append(batch)

@@ -68,6 +68,20 @@ def lean_support(model) -> str | None:
     return None
 
 
+def position_ids(mask2d: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of left-padded rows: 0 at each row's first real token (padding clamped to 0)."""
+    return (mask2d.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_allowed(mask2d: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+    """Bool [B, 1, L - q_start, L] of which keys each query from position `q_start` on may see: earlier or
+    same positions that are not padding (`mask2d` [B, L]); a padding query sees itself, so no row is empty."""
+    L = mask2d.shape[1]
+    q = torch.arange(q_start, L, device=mask2d.device)[:, None]
+    k = torch.arange(L, device=mask2d.device)[None, :]
+    return ((k <= q) & mask2d.bool()[:, None, None, :]) | (k == q)
+
+
 def _eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
@@ -294,12 +308,11 @@ def _verified(model, tol: float) -> bool:
         ids = torch.randint(0, V, (2, 6), generator=g).to(device)
         mask = torch.ones_like(ids)
         mask[1, :2] = 0
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids(mask)
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
             dec = LeanDecoder(model, 2, 6)
-            allowed = torch.ones(6, 6, dtype=torch.bool, device=device).tril()[None, None] & mask.bool()[:, None, None]
-            allowed = allowed | torch.eye(6, dtype=torch.bool, device=device)
+            allowed = causal_allowed(mask)
             scale = max(1.0, float(ref.abs().max()))
             # sampling path: prefill five tokens, then decode the sixth against the cache
             prefill = dec.forward(ids[:, :5], pos[:, :5], 0, allowed[:, :, :5, :5])
@@ -366,7 +379,7 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
         inv, rep = torch.arange(B, device=device), torch.arange(B, device=device)
     N = len(rep)
     pmask = attention_mask[rep, :P].bool()
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     pos = torch.cat([positions[rep, :P].reshape(-1), positions[:, P:].reshape(-1)])
 
     if block_input is None:
@@ -378,8 +391,7 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     cos, sin = inner.rotary_emb(x[:1], pos[None])
     cos, sin = cos[0][:, None], sin[0][:, None]  # [tokens, 1, d]
 
-    ar_p = torch.arange(P, device=device)
-    prompt_mask = ((ar_p[None, :] <= ar_p[:, None]) & pmask[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    prompt_mask = causal_allowed(pmask)
     ar_t = torch.arange(T, device=device)
     comp_mask = torch.cat([pmask[inv][:, None, None, :].expand(B, 1, T, P),
                            (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, T, T)], -1)  # [B, 1, T, P+T]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from onelayer.models import prefix
-from onelayer.rollout.lean import LeanDecoder, lean_available, lean_sequence_logprobs
+from onelayer.rollout.lean import LeanDecoder, causal_allowed, lean_available, lean_sequence_logprobs, position_ids
 
 __all__ = ["RolloutBatch", "left_pad", "sample", "sequence_block_input", "sequence_logprobs"]
 
@@ -82,8 +82,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _forward_kwargs(model) -> tuple[str, bool]:
@@ -138,10 +136,7 @@ def _mask_4d(mask2d: torch.Tensor, q_start: int, model) -> torch.Tensor | None:
         return None
     if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
         return None
-    L = mask2d.shape[1]
-    q = torch.arange(q_start, L, device=mask2d.device)[:, None]
-    k = torch.arange(L, device=mask2d.device)[None, :]
-    allowed = ((k <= q) & mask2d.bool()[:, None, None, :]) | (k == q)
+    allowed = causal_allowed(mask2d, q_start)
     if impl == "sdpa":
         return allowed
     dtype = next(model.parameters()).dtype
@@ -229,7 +224,7 @@ class _HFStepper:
         return out.logits[:, -1]
 
     def prefill(self, ids, pmask):
-        logits = self._forward(ids, self.prefill_mask, _position_ids(pmask))
+        logits = self._forward(ids, self.prefill_mask, position_ids(pmask))
         if self.captured is not None:
             self.captured[: ids.shape[0], : self.P] = self._last
         return logits
@@ -260,19 +255,16 @@ class _LeanStepper:
         self.P = P
         self.dec = LeanDecoder(model, N * G, P + T, capture)
         self.captured = self.dec.captured
-        L = P + T
-        q = torch.arange(P, device=pmask.device)[:, None]
-        k = torch.arange(P, device=pmask.device)[None, :]
-        self.prefill_mask = (((k <= q) & pmask.bool()[:, None, None, :]) | (k == q))  # [N, 1, P, P]
+        self.prefill_mask = causal_allowed(pmask)  # [N, 1, P, P]
         # decode: a query sees every written slot except left padding; no padding, no mask needed
         self.step_mask = None if bool(pmask.all()) else torch.cat(
-            [pmask.bool(), pmask.new_ones(N, T, dtype=torch.bool)], 1).repeat_interleave(G, 0)[:, None, None, :L]
+            [pmask.bool(), pmask.new_ones(N, T, dtype=torch.bool)], 1).repeat_interleave(G, 0)[:, None, None, :]
 
     def close(self) -> None:
         pass
 
     def prefill(self, ids, pmask):
-        return self.dec.forward(ids, _position_ids(pmask), 0, self.prefill_mask)
+        return self.dec.forward(ids, position_ids(pmask), 0, self.prefill_mask)
 
     def expand(self, G: int, N: int) -> None:
         index = torch.arange(N, device=self.prefill_mask.device).repeat_interleave(G)
@@ -419,7 +411,7 @@ def _sequence_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """Model inputs for whole sequences, with the rollout's mask and position conventions."""
     mask4d = _mask_4d(attention_mask, 0, model)
     return {"input_ids": input_ids, "attention_mask": attention_mask if mask4d is None else mask4d,
-            "position_ids": _position_ids(attention_mask)}
+            "position_ids": position_ids(attention_mask)}
 
 
 def sequence_block_input(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_index: int,
