@@ -99,8 +99,8 @@ def merge_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     for b in batches:
         B, p, t = b.input_ids.shape[0], b.prompt_len, b.completion_ids.shape[1]
         left, right = P - p, T - t
-        ids.append(torch.cat([b.input_ids.new_full((B, left), pad_id), b.input_ids[:, :p],
-                              b.input_ids[:, p:], b.input_ids.new_full((B, right), pad_id)], dim=1))
+        ids.append(torch.cat([b.input_ids.new_full((B, left), pad_id), b.input_ids,
+                              b.input_ids.new_full((B, right), pad_id)], dim=1))
         att.append(torch.cat([b.attention_mask.new_zeros((B, left)), b.attention_mask,
                               b.attention_mask.new_zeros((B, right))], dim=1))
         comp.append(torch.cat([b.completion_ids, b.completion_ids.new_full((B, right), pad_id)], dim=1))

@@ -61,6 +61,32 @@ class RolloutBatch:
     block_input: torch.Tensor | None = None  # FloatTensor[B, P+T, H]
     block_index: int | None = None
 
+    @classmethod
+    def assemble(cls, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+                 completion_mask: torch.Tensor, logprobs: torch.Tensor, num_generations: int,
+                 block_input: torch.Tensor | None = None, block_index: int | None = None) -> "RolloutBatch":
+        """The batch of N left-padded prompts (`prompt_ids`, `prompt_mask` [N, P]) and their G completions each,
+        prompt-major: `tokens` [N*G, T] (padded after EOS), bool `completion_mask` and `logprobs` [N*G, T]."""
+        N, P = prompt_ids.shape
+        G = num_generations
+        return cls(
+            input_ids=torch.cat([prompt_ids.repeat_interleave(G, 0), tokens], 1),
+            attention_mask=torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.long()], 1),
+            prompt_len=P,
+            completion_ids=tokens,
+            completion_mask=completion_mask.float(),
+            logprobs=logprobs,
+            completion_lengths=completion_mask.sum(1),
+            prompt_index=torch.arange(N, device=prompt_ids.device).repeat_interleave(G),
+            block_input=block_input,
+            block_index=block_index,
+        )
+
+    def map(self, fn) -> "RolloutBatch":
+        """The batch with `fn` applied to every tensor field (e.g. ``lambda t: t.to(device)``)."""
+        return RolloutBatch(**{f.name: (fn(v) if torch.is_tensor(v := getattr(self, f.name)) else v)
+                               for f in fields(self)})
+
     @property
     def num_generations(self) -> int:
         n_prompts = int(self.prompt_index[-1]) + 1 if len(self.prompt_index) else 1
@@ -336,18 +362,7 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
 
     tokens, logps, cmask = tokens[:, :steps], logps[:, :steps], cmask[:, :steps]
     captured = None if stepper.captured is None else stepper.captured[:, : P + steps]
-    return RolloutBatch(
-        input_ids=torch.cat([ids.repeat_interleave(G, 0), tokens], 1),
-        attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask.long()], 1),
-        prompt_len=P,
-        completion_ids=tokens,
-        completion_mask=cmask.float(),
-        logprobs=logps,
-        completion_lengths=cmask.sum(1),
-        prompt_index=torch.arange(N, device=device).repeat_interleave(G),
-        block_input=captured,
-        block_index=capture,
-    )
+    return RolloutBatch.assemble(ids, pmask, tokens, cmask, logps, G, block_input=captured, block_index=capture)
 
 
 def check_sampling_args(num_generations: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -402,9 +417,7 @@ def sample(
         model.train(was_training)
     # Tensors made under inference_mode cannot enter autograd (the training forward embeds input_ids):
     # hand back ordinary copies. They are small.
-    return RolloutBatch(
-        **{f.name: (v.clone() if torch.is_tensor(v := getattr(batch, f.name)) else v) for f in fields(batch)}
-    )
+    return batch.map(torch.Tensor.clone)
 
 
 def _sequence_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:

@@ -97,8 +97,7 @@ def outputs_to_batch(
             rows.append((ids, [float(lps[k][t].logprob) if lps is not None else 0.0 for k, t in enumerate(ids)]))
 
     ids, pmask = left_pad(prompts, pad_id)
-    N, P = ids.shape
-    B, T = N * G, max((len(r[0]) for r in rows), default=0)
+    B, T = len(rows), max((len(r[0]) for r in rows), default=0)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     logps = torch.zeros((B, T), dtype=torch.float32)
     cmask = torch.zeros((B, T), dtype=torch.bool)
@@ -107,23 +106,8 @@ def outputs_to_batch(
         tokens[b, :n] = torch.as_tensor(toks, dtype=torch.long)
         logps[b, :n] = torch.as_tensor(lps, dtype=torch.float32)
         cmask[b, :n] = True
-    batch = RolloutBatch(
-        input_ids=torch.cat([ids.repeat_interleave(G, 0), tokens], 1),
-        attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask.long()], 1),
-        prompt_len=P,
-        completion_ids=tokens,
-        completion_mask=cmask.float(),
-        logprobs=logps,
-        completion_lengths=cmask.sum(1),
-        prompt_index=torch.arange(N).repeat_interleave(G),
-    )
-    if device is not None:
-        batch = _to(batch, device)
-    return batch
-
-
-def _to(batch: RolloutBatch, device) -> RolloutBatch:
-    return RolloutBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(batch).items()})
+    batch = RolloutBatch.assemble(ids, pmask, tokens, cmask, logps, G)
+    return batch if device is None else batch.map(lambda t: t.to(device))
 
 
 def policy_dir(model, tok, source: str, scratch: str | Path) -> str:
