@@ -292,6 +292,6 @@ def recompute_logprobs(policy: torch.nn.Module, batch: RolloutBatch, *, temperat
     policy.eval()
     try:
         return sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.prompt_len,
-                                 temperature=temperature).float()
+                                 temperature=temperature, prompt_index=batch.prompt_index).float()
     finally:
         policy.train(was_training)
