@@ -165,8 +165,10 @@ class LeanDecoder:
         self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim], exactly the model's rotary table
-        self.rot = torch.complex(cos[0, :, : d // 2].float(), sin[0, :, : d // 2].float())  # [max_len, d/2]
+        if self.fold:  # paired layout: one complex factor per pair, [max_len, d/2]
+            self.rot = torch.complex(cos[0, :, : d // 2].float(), sin[0, :, : d // 2].float())
+        else:  # [max_len, head_dim], exactly the model's rotary table
+            self.cos, self.sin = cos[0], sin[0]
         shape = (batch, self.kv_heads, max_len, d)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
