@@ -7,6 +7,7 @@ from onelayer.algos.advantages import (
     ADVANTAGES,
     anchor_group_stats,
     discounted_returns,
+    episode_returns,
     gigpo_advantages,
     group_advantages,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "anchor_group_stats",
     "discounted_returns",
     "get_preset",
+    "episode_returns",
     "gigpo_advantages",
     "group_advantages",
     "kl_k3",

@@ -120,6 +120,22 @@ def _anchor_group_index(group_ids: Tensor, anchor_keys: Sequence[Hashable]) -> T
     return torch.tensor(dense, dtype=torch.long, device=group_ids.device)
 
 
+def episode_returns(step_rewards: Tensor, traj_ids: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per trajectory: its return R(τ) = Σ_t r_t and its group, plus each row's trajectory index.
+
+    step_rewards, traj_ids, group_ids: Tensor[S] (group_ids constant within a trajectory). Returns
+    (returns FloatTensor[E], traj_group LongTensor[E], traj_inv LongTensor[S]) over the E distinct trajectories
+    in sorted id order.
+    """
+    _, traj_inv = torch.unique(traj_ids, return_inverse=True)
+    num_traj = int(traj_inv.max()) + 1 if traj_inv.numel() else 0
+    returns = _as_float(step_rewards).new_zeros(num_traj).index_add(0, traj_inv, _as_float(step_rewards))
+    traj_group = group_ids.new_zeros(num_traj).scatter(0, traj_inv, group_ids)
+    if not torch.equal(traj_group[traj_inv], group_ids):
+        raise ValueError("every step of a trajectory must carry the same group_id")
+    return returns, traj_group, traj_inv
+
+
 def gigpo_advantages(
     step_rewards: Tensor,
     traj_ids: Tensor,
@@ -156,12 +172,7 @@ def gigpo_advantages(
         return step_rewards.clone()
 
     # episode level: one value per trajectory
-    _, traj_inv = torch.unique(traj_ids, return_inverse=True)
-    num_traj = int(traj_inv.max()) + 1
-    episode_return = step_rewards.new_zeros(num_traj).index_add(0, traj_inv, step_rewards)
-    traj_group = group_ids.new_zeros(num_traj).scatter(0, traj_inv, group_ids)
-    if not torch.equal(traj_group[traj_inv], group_ids):
-        raise ValueError("every step of a trajectory must carry the same group_id")
+    episode_return, traj_group, traj_inv = episode_returns(step_rewards, traj_ids, group_ids)
     _, tg_inv = torch.unique(traj_group, return_inverse=True)
     a_episode = _group_centered(episode_return, tg_inv, int(tg_inv.max()) + 1, eps, scale)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onelayer.algos import anchor_group_stats, gigpo_advantages, group_advantages
+from onelayer.algos import anchor_group_stats, episode_returns, gigpo_advantages, group_advantages
 from onelayer.rollout import RolloutBatch, decode_completions, encode_prompts, sample
 from onelayer.rollout.episodes import play
 
@@ -75,15 +75,13 @@ def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = Tru
     depends only on its sign, so this is exactly a per-episode mean of the loss. Single-turn episodes
     have length 1: weight 1, no change.
     """
+    returns, traj_group, inverse = episode_returns(exp.step_rewards, exp.traj_ids, exp.group_ids)
     if preset.advantage == "gigpo":
         adv = gigpo_advantages(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, gamma=preset.gamma,
                                omega=preset.omega, scale=scale)
     else:  # episode level: each episode's return against its group's, given to every row of the episode
-        traj, inverse = torch.unique(exp.traj_ids, return_inverse=True)
-        returns = exp.step_rewards.new_zeros(len(traj)).index_add(0, inverse, exp.step_rewards)
-        traj_group = exp.group_ids.new_zeros(len(traj)).scatter(0, inverse, exp.group_ids)
         adv = group_advantages(returns, traj_group, scale=scale)[inverse]
     if balance_episodes and len(adv):
-        _, inverse, lengths = torch.unique(exp.traj_ids, return_inverse=True, return_counts=True)
+        lengths = torch.bincount(inverse)
         adv = adv * (len(adv) / (len(lengths) * lengths[inverse].float()))
     return adv
