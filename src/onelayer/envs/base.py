@@ -28,6 +28,13 @@ class Env:
     name: str = "env"
     options: dict = {}
     task_description: str = ""  # one line that opens every prompt
+    markov: bool = False  # does the obs show the whole state? (then prompts need no history)
+    max_turns: int = 20  # default episode limit
+    max_action_tokens: int = 8  # completion budget of one action
+
+    def split_key(self, seed: int) -> str:
+        """What train/eval splits keep disjoint: seeds with the same key are the same item (default: the seed)."""
+        return str(seed)
 
     def reset(self, seed: int) -> tuple[str, dict]:
         raise NotImplementedError

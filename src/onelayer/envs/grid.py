@@ -42,6 +42,7 @@ class GridEnv(Env):
 
     name = "grid"
     task_description = "Reach G."
+    markov = True  # the drawn grid is the whole state
     max_turns = 12  # default episode limit (the longest shortest path at level 3 is about 10)
 
     def __init__(self, difficulty: int = 2):

@@ -86,9 +86,8 @@ class AgentTask(Task):
             raise TaskError(str(e)) from None
         self.name = env_name
         self.env_options = dict(self.env.options)
-        markov = getattr(self.env, "markov", env_name == "grid")
-        history = (0 if markov else 2) if history is None else history
-        max_turns = max_turns if max_turns is not None else getattr(self.env, "max_turns", 20)
+        history = (0 if self.env.markov else 2) if history is None else history
+        max_turns = max_turns if max_turns is not None else self.env.max_turns
         for key, value, lo in (("history", history, 0), ("max_turns", max_turns, 1), ("n_train", n_train, 0),
                                ("n_eval", n_eval, 0), ("max_obs_chars", max_obs_chars, 16), ("eval_samples", eval_samples, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -107,7 +106,7 @@ class AgentTask(Task):
                         "invalid_penalty": self.invalid_penalty, "n_train": n_train, "n_eval": n_eval, "seed": seed,
                         "demo_noise": self.demo_noise, "max_obs_chars": max_obs_chars, "eval_samples": eval_samples,
                         "eval_temperature": self.eval_temperature}
-        self.max_completion_length = getattr(self.env, "max_action_tokens", 8)
+        self.max_completion_length = self.env.max_action_tokens
         self._cache: dict[str, list[dict]] = {}
 
     def make_env(self) -> envs.Env:
@@ -116,8 +115,7 @@ class AgentTask(Task):
 
     # -- items ----------------------------------------------------------------------------------
     def _is_eval(self, seed: int) -> tuple[str, bool]:
-        split_key = getattr(self.env, "split_key", None)
-        key = split_key(seed) if split_key else str(seed)
+        key = self.env.split_key(seed)
         h = int.from_bytes(hashlib.sha256(f"{self.name}:{key}".encode()).digest()[:8], "big")
         return key, h % EVAL_MODULUS == 0
 
