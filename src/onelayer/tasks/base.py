@@ -72,9 +72,17 @@ def in_eval(seed: int, key: str, eval_fraction: float) -> bool:
     return u < eval_fraction
 
 
-def first_n(splits: dict[str, list], n_train: int | None, n_eval: int | None) -> dict[str, list]:
-    """The train / eval splits cut to their first n_train / n_eval items (None: all)."""
-    cut = lambda items, n: items if n is None else items[:n]  # noqa: E731
+def holdout(items: list[dict], seed: int, eval_fraction: float, key) -> dict[str, list[dict]]:
+    """Train / eval splits of ``items`` by the SHA-256 holdout of ``key(item)`` (``in_eval``), order kept."""
+    splits: dict[str, list[dict]] = {"train": [], "eval": []}
+    for it in items:
+        splits["eval" if in_eval(seed, key(it), eval_fraction) else "train"].append(it)
+    return splits
+
+
+def first_n(splits: dict[str, list | None], n_train: int | None, n_eval: int | None) -> dict[str, list | None]:
+    """The train / eval splits cut to their first n_train / n_eval items (n None: all; a None split stays None)."""
+    cut = lambda items, n: items if n is None or items is None else items[:n]  # noqa: E731
     return {"train": cut(splits["train"], n_train), "eval": cut(splits["eval"], n_eval)}
 
 

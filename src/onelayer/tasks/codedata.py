@@ -76,7 +76,7 @@ from typing import Iterable, Sequence
 
 from . import sandbox
 from .base import (
-    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, in_eval,
+    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, holdout,
     source_options,
 )
 from .mathdata import read_source
@@ -424,16 +424,10 @@ class HumanEvalTask(CodeTask):
              "solution": r["canonical_solution"], "format": "humaneval"}
             for r in _humaneval_rows()
         ]
-        frac = self.options["eval_fraction"]
-        if frac is None:
-            self._splits: dict[str, list[dict] | None] = {"train": None, "eval": items}
-        else:
-            self._splits = {"train": [], "eval": []}
-            for it in items:
-                self._splits["eval" if in_eval(seed, it["id"], frac) else "train"].append(it)
-        for split, key in (("train", "n_train"), ("eval", "n_eval")):
-            if self.options[key] is not None and self._splits[split] is not None:
-                self._splits[split] = self._splits[split][: self.options[key]]
+        o = self.options
+        splits = ({"train": None, "eval": items} if o["eval_fraction"] is None
+                  else holdout(items, o["seed"], o["eval_fraction"], key=lambda it: it["id"]))
+        self._splits = first_n(splits, o["n_train"], o["n_eval"])
 
     def items(self, split: str) -> list[dict]:
         check_split(split)
@@ -482,9 +476,7 @@ class CodeJSONLTask(CodeTask):
         }
         o = self.options
         if path is not None:
-            splits: dict[str, list[dict]] = {"train": [], "eval": []}
-            for it in self._read(o["path"], "train"):
-                splits["eval" if in_eval(o["seed"], it["_key"], o["eval_fraction"]) else "train"].append(it)
+            splits = holdout(self._read(o["path"], "train"), o["seed"], o["eval_fraction"], key=lambda it: it["_key"])
         else:
             splits = {"train": self._read(o["train_path"], "train"), "eval": self._read(o["eval_path"], "test")}
         for it in splits["train"] + splits["eval"]:

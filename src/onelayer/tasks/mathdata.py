@@ -42,7 +42,7 @@ import threading
 from pathlib import Path
 
 from .base import (
-    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, in_eval,
+    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, holdout,
     source_options,
 )
 
@@ -301,11 +301,7 @@ class MathDataTask(Task):
         return first_n(splits, o["n_train"], o["n_eval"])
 
     def _holdout(self, items: list[dict]) -> dict[str, list[dict]]:
-        o = self.options
-        splits: dict[str, list[dict]] = {"train": [], "eval": []}
-        for it in items:
-            splits["eval" if in_eval(o["seed"], it[self.question_field], o["eval_fraction"]) else "train"].append(it)
-        return splits
+        return holdout(items, self.options["seed"], self.options["eval_fraction"], key=lambda it: it[self.question_field])
 
     def _items(self, tag: str, where: str, rows: list[tuple[str, dict]]) -> list[dict]:
         items = []
