@@ -418,15 +418,17 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
         kc, vc = k[n_p:].view(B, T, kvh, d).transpose(1, 2), v[n_p:].view(B, T, kvh, d).transpose(1, 2)
         ap = F.scaled_dot_product_attention(q[:n_p].view(N, P, h, d).transpose(1, 2), kp, vp, attn_mask=prompt_mask,
                                             enable_gqa=kvh != h)
-        ac = F.scaled_dot_product_attention(q[n_p:].view(B, T, h, d).transpose(1, 2), torch.cat([kp[inv], kc], 2),
-                                            torch.cat([vp[inv], vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
+        # index_select, not kp[inv]: its backward (index_add) sums the rows' gradients into their shared prompt
+        # in a fixed order; advanced indexing's accumulating backward did not on 2+ threads (runs drifted)
+        ac = F.scaled_dot_product_attention(q[n_p:].view(B, T, h, d).transpose(1, 2), torch.cat([kp.index_select(0, inv), kc], 2),
+                                            torch.cat([vp.index_select(0, inv), vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
         a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * T, h * d)])
         x = x + _apply(attn.o_proj, a)
         y = _norm(x, block.post_attention_layernorm)
         x = x + _apply(mlp.down_proj, F.silu(_apply(mlp.gate_proj, y)) * _apply(mlp.up_proj, y))
 
     # positions P-1 .. P+T-2 predict tokens P .. P+T-1: the prompt's last position, then completion 0..T-2
-    last = torch.cat([x[:n_p].view(N, P, -1)[:, -1][inv][:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
+    last = torch.cat([x[:n_p].view(N, P, -1)[:, -1].index_select(0, inv)[:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
     logits = _apply(model.lm_head, _norm(last, inner.norm)).float()
     if temperature != 1.0:
         logits = logits / temperature
