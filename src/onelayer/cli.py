@@ -76,7 +76,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from onelayer.sweep import EXECUTORS, make_spec, run_sweep
     from onelayer.tasks import parse_task_opts
 
-    values = load_yaml(args.config) if args.config else {}
+    if args.preset and args.config:
+        raise ConfigError("pass --preset or --config, not both (a preset is a shipped --config file)")
+    values = load_yaml(preset_path(args.preset) if args.preset else args.config) if (args.preset or args.config) else {}
+    if args.extreme_seeds is not None:
+        values["extreme_seeds"] = _csv_list(args.extreme_seeds)
     for key in ("models", "tasks", "algos", "seeds"):
         if getattr(args, key) is not None:
             values[key] = _csv_list(getattr(args, key))
@@ -98,6 +102,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f"; not done: {', '.join(r['job_id'] for r in failed)}" if failed else ""))
     return 0 if not failed else 1
+
+
+def preset_path(name: str):
+    """The shipped sweep YAML of a preset name (onelayer/sweep/presets/NAME.yaml)."""
+    from pathlib import Path
+
+    presets = Path(__file__).parent / "sweep" / "presets"
+    path = presets / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
+        raise ConfigError(f"unknown sweep preset {name!r}; shipped presets: {names}")
+    return path
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -186,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algos", help="comma-separated algorithms (default: grpo)")
     p.add_argument("--seeds", help="comma-separated seeds (default: 0)")
     p.add_argument("--layer-set", action="append", default=[], help="extra layer spec to run (repeatable)")
-    p.add_argument("--single-layers", action=argparse.BooleanOptionalAction, default=None, help="one job per layer")
+    p.add_argument("--preset", help="a shipped sweep spec, e.g. smollm2-study (flags still override it)")
+    p.add_argument("--single-layers", nargs="?", const="true", default=None, metavar="LIST",
+                   help="one job per layer: every block, or only those listed (e.g. 0,4,8,12)")
+    p.add_argument("--no-single-layers", dest="single_layers", action="store_const", const="false",
+                   help="no single-layer jobs")
+    p.add_argument("--extreme-seeds", metavar="SEEDS",
+                   help="after the first pass, rerun full and the best and worst single layer with these seeds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config key for every job (repeatable)")
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
     p.add_argument("--executor", default="local", help="local, processes or ray")

@@ -17,6 +17,9 @@ from pathlib import Path
 import yaml
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names it and says how to fix it."""
 
@@ -38,6 +41,11 @@ class TrainConfig:
     train_embeddings: bool = _f(False, "also train the input embeddings")
     train_lm_head: bool = _f(False, "also train the LM head (shared with the embeddings when tied)")
     warm_start: bool = _f(True, "supervised warm start of built-in models before RL (cached)")
+    prompt_format: str | None = _f(None, "prompt format: raw (the task's terse prompt), fewshot (solved train examples "
+                                         "first, stop at newline) or chat (the tokenizer's chat template); default: raw "
+                                         "for the character-level built-ins, fewshot for pretrained models")
+    fewshot_k: int = _f(4, "prompt_format fewshot: solved train examples before each problem")
+    system_prompt: str | None = _f(None, "prompt_format chat: system message (default: the chat template's own)")
     # algorithm
     algo: str = _f("grpo", "algorithm preset: grpo, dr_grpo, gigpo (gigpo: agent tasks)")
     loss_type: str | None = _f(None, "override the preset's loss aggregation: seq-mean-token-mean, seq-mean-token-sum-norm, token-mean")
@@ -74,7 +82,9 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
     seed: int = _f(0, "random seed (prompt order, sampling, warm start of the task split)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16")
+    dtype: str = _f("float32", "compute dtype: float32, or bfloat16 / float16 (mixed precision: autocast forwards, "
+                               "fp32 trainable weights and AdamW state)")
+    frozen_dtype: str | None = _f(None, "storage dtype of frozen tensors (float32, bfloat16, float16); default: dtype")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
 
     def to_dict(self) -> dict:
@@ -140,6 +150,7 @@ def make_config(values: dict, cls=TrainConfig):
 
 def validate(cfg: TrainConfig) -> None:
     from onelayer.algos import LOSS_AGGREGATIONS, PRESETS
+    from onelayer.tasks.prompts import PROMPT_FORMATS
 
     def need(ok: bool, key: str, msg: str):
         if not ok:
@@ -165,7 +176,13 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.save_every >= 1, "save_every", "must be >= 1")
     need(cfg.rollout_backend in ("hf", "vllm"), "rollout_backend", "must be hf or vllm")
     need(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
-    need(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+    need(cfg.dtype in DTYPES, "dtype", "must be float32, bfloat16 or float16")
+    need(cfg.frozen_dtype is None or cfg.frozen_dtype in DTYPES, "frozen_dtype", "must be float32, bfloat16 or float16")
+    need(cfg.frozen_dtype in (None, "float32") or cfg.dtype != "float32", "frozen_dtype",
+         "a half-precision frozen_dtype needs a half-precision compute dtype (--dtype bfloat16 or float16)")
+    need(cfg.prompt_format is None or cfg.prompt_format in PROMPT_FORMATS, "prompt_format",
+         f"must be one of {', '.join(PROMPT_FORMATS)}")
+    need(cfg.fewshot_k >= 1, "fewshot_k", "must be >= 1")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", "must be cpu, cuda[:N], mps or auto")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from onelayer.models.tiny import TINY_SHAPES, char_tokenizer, tiny_config
 
-BUILTIN_MODELS = tuple(TINY_SHAPES)
+BUILTIN_MODELS = tuple(TINY_SHAPES)  # built from configs and warm-started on the task
 
 
 class ModelError(ValueError):
@@ -64,12 +64,13 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.f
     if name in TINY_SHAPES:
         model, tok = build_tiny(name)
         return model.to(device=device, dtype=dtype), tok
+    name = resolve_real(name)
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not (path / "config.json").is_file():
         raise ModelError(
             f"model {name!r}: no config.json in that directory; pass a directory written by "
-            f"save_pretrained, a hub name, or one of {', '.join(BUILTIN_MODELS)}"
+            f"save_pretrained, a .gguf file, a hub name, or one of {known_models()}"
         )
     # The local HF cache first; the hub only if it resolves (otherwise hub clients retry for minutes).
     offline = not _hub_reachable()
@@ -78,7 +79,7 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.f
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
     except (OSError, ValueError) as exc:
         raise ModelError(
-            f"cannot load model {name!r}: it is not a built-in ({', '.join(BUILTIN_MODELS)}), "
+            f"cannot load model {name!r}: it is not a built-in ({known_models()}), "
             f"not a local model directory, and the hub could not provide it ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]})"
         ) from None
@@ -88,6 +89,22 @@ def load_policy(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.f
     return model.to(device), tok
 
 
+def resolve_real(name: str, log=print) -> str:
+    """A built-in real model name (``smollm2-135m``) or a ``.gguf`` path → its cached HF directory; other
+    names unchanged."""
+    from onelayer.models import real
+
+    if name in real.REAL_MODELS or real.is_gguf(name):
+        return str(real.converted_dir(name, log=log))
+    return name
+
+
+def known_models() -> str:
+    from onelayer.models.real import REAL_MODELS
+
+    return ", ".join((*BUILTIN_MODELS, *REAL_MODELS))
+
+
 def model_num_layers(name_or_path: str) -> int:
     """Decoder block count from the config alone (no weights), for planning sweeps."""
     from transformers import AutoConfig
@@ -95,6 +112,7 @@ def model_num_layers(name_or_path: str) -> int:
     name = str(name_or_path)
     if name in TINY_SHAPES:
         return TINY_SHAPES[name]["num_hidden_layers"]
+    name = resolve_real(name)
     _quiet_transformers()
     try:
         cfg = AutoConfig.from_pretrained(name, local_files_only=not _hub_reachable())

@@ -332,11 +332,29 @@ def _verified(model, tol: float) -> bool:
 
 
 def lean_available(model) -> bool:
-    """Can the lean paths stand in for `model`'s forward (supported layout, verified on a probe)?"""
-    if lean_support(model) is not None:
-        return False
-    dtype = next(model.parameters()).dtype
-    return _verified(model, 1e-4 if dtype == torch.float32 else 3e-2)
+    """Can the lean paths stand in for `model`'s forward (supported layout, one parameter dtype, no autocast,
+    verified on a probe)?"""
+    return _runtime_reason(model) is None
+
+
+def _runtime_reason(model) -> str | None:
+    reason = lean_support(model)
+    if reason is not None:
+        return reason
+    p = next(model.parameters())
+    if torch.is_autocast_enabled(p.device.type):
+        return "autocast (mixed precision) is on: the model's own forward follows its casting rules"
+    if any(q.dtype != p.dtype for q in model.parameters()):
+        return "parameters of several dtypes (mixed precision)"
+    if not _verified(model, 1e-4 if p.dtype == torch.float32 else 3e-2):
+        return "its logits did not match the model's own forward on the probe batch"
+    return None
+
+
+def forward_path(model) -> str:
+    """Which forward the rollout and training use for `model`: 'lean', or 'hf (reason)'."""
+    reason = _runtime_reason(model)
+    return "lean" if reason is None else f"hf ({reason})"
 
 
 # --------------------------------------------------------------------------------------------- training

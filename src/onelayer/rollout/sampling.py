@@ -29,6 +29,7 @@ Why it is faster than `model.generate` for GRPO-shaped batches:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, fields
 
@@ -37,7 +38,8 @@ import torch
 from onelayer.models import prefix
 from onelayer.rollout.lean import LeanDecoder, causal_allowed, lean_available, lean_sequence_logprobs, position_ids
 
-__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_block_input", "sequence_logprobs"]
+__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_block_input", "sequence_logprobs", "stop_token_ids",
+           "truncate_at_stops"]
 
 
 @dataclass
@@ -311,9 +313,11 @@ class _LeanStepper:
 
 @torch.inference_mode()
 def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id, generator,
-            capture=None, block_path=None, lean=True):
+            capture=None, block_path=None, lean=True, stop_ids=None):
     device = next(model.parameters()).device
     eos = -1 if eos_id is None else int(eos_id)
+    stop_ids = None if stop_ids is None or not len(stop_ids) else stop_ids.to(device)
+    can_stop = eos >= 0 or stop_ids is not None
 
     ids, pmask = left_pad(prompts, pad_id)
     ids, pmask = ids.to(device), pmask.to(device)
@@ -344,10 +348,12 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
                 logps[rows, t] = lp.masked_fill(finished, 0.0)
                 cmask[rows, t] = ~finished
                 finished = finished | (tok == eos)
+                if stop_ids is not None:
+                    finished = finished | torch.isin(tok, stop_ids)
                 steps = t + 1
                 if t == T - 1:
                     break
-                if eos >= 0 and (t + 1) % check_every == 0:
+                if can_stop and (t + 1) % check_every == 0:
                     n_done = int(finished.sum())
                     if n_done == len(rows):
                         break
@@ -393,11 +399,13 @@ def sample(
     capture_block: int | None = None,
     block_path: str | None = None,
     lean: bool = True,
+    stop_ids: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """Sample `num_generations` completions for each prompt (token-id lists) with a KV cache.
 
-    Stops when every row has emitted `eos_id` or after `max_new_tokens`; `eos_id=-1` (or None) never stops
-    early. Finished rows are padded with `pad_id` and masked. Sampling is temperature + nucleus (top-p);
+    A row ends when it emits `eos_id` or any token of `stop_ids` (`stop_token_ids`: tokens whose text holds
+    a stop string; that token is kept, like EOS), or after `max_new_tokens`; `eos_id=-1` (or None) and no
+    `stop_ids` never stop early. Finished rows are padded with `pad_id` and masked. Sampling is temperature + nucleus (top-p);
     `greedy=True` takes the argmax and reports log-probs at temperature 1. Pass a seeded `generator` (on the
     model's device) for reproducible samples. The model runs in eval mode and its training flag is restored.
 
@@ -411,7 +419,7 @@ def sample(
     try:
         batch = _sample(
             model, prompts, num_generations, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id, generator,
-            capture_block, block_path, lean,
+            capture_block, block_path, lean, stop_ids,
         )
     finally:
         model.train(was_training)
@@ -478,6 +486,60 @@ def sequence_logprobs(
     target = input_ids[:, prompt_len:]
     logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return logp.masked_fill(attention_mask[:, prompt_len:] == 0, 0.0)
+
+
+_STOP_IDS: dict = {}
+
+
+def stop_token_ids(tok, stop_strings) -> torch.Tensor | None:
+    """Ids of every vocabulary token whose text contains one of `stop_strings` (cached per tokenizer), for
+    `sample(stop_ids=...)`; None without stop strings."""
+    stops = tuple(stop_strings or ())
+    if not stops:
+        return None
+    key = (getattr(tok, "name_or_path", ""), len(tok), type(tok).__name__, stops)
+    if key not in _STOP_IDS:
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        _STOP_IDS[key] = torch.tensor([i for i, t in enumerate(texts) if any(s in t for s in stops)], dtype=torch.long)
+    return _STOP_IDS[key]
+
+
+def truncate_at_stops(tok, batch: RolloutBatch, stop_strings) -> RolloutBatch:
+    """Mask every token after the one that completes the first stop string of a row's text.
+
+    `sample` ends a row at a token that holds a stop string by itself; a stop string spread over several
+    tokens is only visible in the decoded text, so those rows are cut here, and their behaviour log-probs
+    then cover exactly the tokens kept."""
+    stops = tuple(stop_strings or ())
+    if not stops:
+        return batch
+    lengths = batch.completion_mask.sum(1).long().tolist()
+    new = list(lengths)
+    for r, (row, n) in enumerate(zip(batch.completion_ids.tolist(), lengths)):
+        if n > 1 and any(s in tok.decode(row[: n - 1]) for s in stops):
+            new[r] = next(k for k in range(1, n) if any(s in tok.decode(row[:k]) for s in stops))
+    if new == lengths:
+        return batch
+    T = batch.completion_ids.shape[1]
+    keep = (torch.arange(T, device=batch.completion_mask.device)[None] < torch.tensor(new, device=batch.completion_mask.device)[:, None])
+    cmask = batch.completion_mask * keep
+    P = batch.prompt_len
+    attention = batch.attention_mask.clone()
+    attention[:, P:] = attention[:, P:] * keep
+    return dataclasses.replace(batch, completion_mask=cmask, logprobs=batch.logprobs * keep,
+                               attention_mask=attention, completion_lengths=cmask.sum(1).long())
+
+
+def sample_texts(model, tok, prompts: list[str], *, stop_strings=(), sample_fn=None, **kwargs):
+    """Encode text prompts, sample (`sample_fn`, default `sample`) with the tokenizer's EOS and pad ids and
+    the stop strings, cut rows at their stop string, and decode. Returns (RolloutBatch, completion texts).
+    Texts keep the stop string; the task's scorer cuts it (`onelayer.tasks.prompts`)."""
+    stop_ids = stop_token_ids(tok, stop_strings)
+    extra = {} if stop_ids is None else {"stop_ids": stop_ids}
+    batch = (sample_fn or sample)(model, encode_prompts(tok, prompts), eos_id=tok.eos_token_id,
+                                  pad_id=tok.pad_token_id, **extra, **kwargs)
+    batch = truncate_at_stops(tok, batch, stop_strings)
+    return batch, decode_completions(tok, batch.completion_ids, batch.completion_mask)
 
 
 def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:

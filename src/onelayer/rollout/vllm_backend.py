@@ -234,6 +234,7 @@ class VLLMSampler:
         generator: torch.Generator | None = None,
         policy: torch.nn.Module | None = None,
         device: torch.device | str | None = None,
+        stop_ids: torch.Tensor | None = None,
     ) -> RolloutBatch:
         """Same arguments and result as `onelayer.rollout.sample` (without the model): G completions per
         prompt, stopping at ``eos_id`` (never when it is None or -1) or after ``max_new_tokens``.
@@ -250,6 +251,7 @@ class VLLMSampler:
 
         G = num_generations
         eos = -1 if eos_id is None else int(eos_id)
+        stops = ([eos] if eos >= 0 else []) + ([] if stop_ids is None else [int(t) for t in stop_ids.tolist()])
         base = None
         if generator is not None:
             base = int(torch.randint(0, 2**30, (1,), generator=generator, device=generator.device))
@@ -262,9 +264,9 @@ class VLLMSampler:
                 logprobs=0,  # the sampled token's log-prob only
                 # vLLM gives child j of a request seed + j: spacing by G keeps every row's seed distinct
                 seed=None if base is None else base + i * G,
-                # stop on eos_id alone (not on the generation config's EOS list), like `sample`
+                # stop on eos_id and the stop tokens alone (not on the generation config's EOS list), like `sample`
                 ignore_eos=True,
-                stop_token_ids=[eos] if eos >= 0 else None,
+                stop_token_ids=stops or None,
                 detokenize=False,
             )
             for i in range(len(prompts))

@@ -32,42 +32,24 @@ def prepare(jobs: list[Job], log=print) -> None:
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", workers: int = 1,
               retry_failed: bool = False, log=print, progress: bool = True, address: str | None = None,
               num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from onelayer.sweep.executors import run_local, run_processes
-
     out = Path(out)
     jobs = plan(spec)
     atomic_write_json(out / "plan.json", {"spec": spec.__dict__, "jobs": [{"id": j.id, "condition": j.condition,
                                           "layers": j.layers, "seed": j.seed} for j in jobs]})
-    statuses = {j.id: job_status(job_dir(out, j.id)) for j in jobs}
-    # Unfinished and failed jobs resume from their last checkpoint; --retry-failed restarts failed ones afresh.
-    todo = [j for j in jobs if statuses[j.id] != "done"]
-    failed = [j for j in todo if statuses[j.id] == "failed"]
-    if retry_failed:
-        for job in failed:
-            reset_job(job_dir(out, job.id))
-    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run"
-        + (f" ({len(failed)} failed before: {'restarted from scratch' if retry_failed else 'resumed from their checkpoint'})" if failed else ""))
-    prepare(todo, log=log)
     start = time.monotonic()
-    bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=not progress, dynamic_ncols=True)
+    run = dict(executor=executor, workers=workers, retry_failed=retry_failed, log=log, progress=progress,
+               address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
+    _run_jobs(jobs, out, **run)
+    if spec.extreme_seeds:  # second pass: full and the best and worst layer with more seeds
+        from onelayer.analysis.summary import summarize
+        from onelayer.sweep.plan import extreme_jobs
 
-    def on_done(job_id: str, status: str) -> None:
-        bar.update(1)
-        bar.set_postfix_str(f"{job_id}: {status}")
-        write_results(out, jobs)  # keep results.csv current, so a killed sweep still leaves a table
-
-    if executor == "local":
-        run_local(todo, str(out), on_done)
-    elif executor == "processes":
-        run_processes(todo, str(out), on_done, workers)
-    elif executor == "ray":
-        from onelayer.sweep.ray_executor import run_ray
-
-        run_ray(todo, str(out), on_done, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-                max_retries=max_retries, log=log)
-    bar.close()
+        write_results(out, jobs)
+        summarize(out)
+        more = [j for j in extreme_jobs(spec, _read_csv(out / "contributions.csv")) if j.id not in {k.id for k in jobs}]
+        log(f"sweep: second pass, seeds {spec.extreme_seeds} for " + ", ".join(sorted({j.layers for j in more})))
+        jobs = jobs + more
+        _run_jobs(more, out, jobs_so_far=jobs, **run)
     rows = write_results(out, jobs)
     from onelayer.analysis.summary import summarize
 
@@ -84,6 +66,52 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
     log(f"report: {build_report(out)}")
     log(f"sweep: finished in {time.monotonic() - start:.0f}s; results in {out / 'results.csv'}")
     return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _run_jobs(jobs: list[Job], out: Path, *, executor, workers, retry_failed, log, progress, address, num_cpus,
+              num_gpus, max_retries, jobs_so_far: list[Job] | None = None) -> None:
+    """Run the jobs of `jobs` that are not done on the executor, keeping results.csv current."""
+    from tqdm.auto import tqdm
+
+    from onelayer.sweep.executors import run_local, run_processes
+
+    table = jobs_so_far or jobs
+    statuses = {j.id: job_status(job_dir(out, j.id)) for j in jobs}
+    # Unfinished and failed jobs resume from their last checkpoint; --retry-failed restarts failed ones afresh.
+    todo = [j for j in jobs if statuses[j.id] != "done"]
+    failed = [j for j in todo if statuses[j.id] == "failed"]
+    if retry_failed:
+        for job in failed:
+            reset_job(job_dir(out, job.id))
+    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run"
+        + (f" ({len(failed)} failed before: {'restarted from scratch' if retry_failed else 'resumed from their checkpoint'})" if failed else ""))
+    prepare(todo, log=log)
+    bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=not progress, dynamic_ncols=True)
+
+    def on_done(job_id: str, status: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{job_id}: {status}")
+        write_results(out, table)  # keep results.csv current, so a killed sweep still leaves a table
+
+    if executor == "local":
+        run_local(todo, str(out), on_done)
+    elif executor == "processes":
+        run_processes(todo, str(out), on_done, workers)
+    elif executor == "ray":
+        from onelayer.sweep.ray_executor import run_ray
+
+        run_ray(todo, str(out), on_done, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
+                max_retries=max_retries, log=log)
+    bar.close()
 
 
 def summary_table(rows: list[dict], out: Path) -> str:

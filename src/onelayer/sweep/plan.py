@@ -24,7 +24,11 @@ class SweepSpec:
     tasks: list = field(default_factory=lambda: ["arith"], metadata={"doc": "tasks to sweep"})
     algos: list = field(default_factory=lambda: ["grpo"], metadata={"doc": "algorithm presets to sweep"})
     seeds: list = field(default_factory=lambda: [0], metadata={"doc": "seeds (each job runs once per seed)"})
-    single_layers: bool = field(default=True, metadata={"doc": "add one job per single layer"})
+    single_layers: bool | list = field(default=True, metadata={
+        "doc": "add one job per single layer: true (every block), false, or a list of block indices"})
+    extreme_seeds: list = field(default_factory=list, metadata={
+        "doc": "after the first pass, rerun full and the best and worst single layer (by the first seed's "
+               "contributions) with these seeds"})
     layer_sets: list = field(default_factory=list, metadata={"doc": "extra layer specs, e.g. [middle:2, '3,5']"})
     train: dict = field(default_factory=dict, metadata={"doc": "training config keys shared by every job"})
 
@@ -44,7 +48,12 @@ def make_spec(values: dict) -> SweepSpec:
         if key not in names:
             raise ConfigError(f"unknown sweep key {key!r}; valid keys: {', '.join(sorted(names))}")
     spec = SweepSpec(**{k: v for k, v in values.items()})
-    for key in ("models", "tasks", "algos", "seeds", "layer_sets"):
+    if isinstance(spec.single_layers, str):
+        spec.single_layers = {"true": True, "false": False}.get(spec.single_layers.strip().lower(),
+                                                                 [x for x in spec.single_layers.split(",") if x.strip()])
+    if isinstance(spec.single_layers, int) and not isinstance(spec.single_layers, bool):
+        spec.single_layers = [spec.single_layers]
+    for key in ("models", "tasks", "algos", "seeds", "layer_sets", "extreme_seeds"):
         value = getattr(spec, key)
         if not isinstance(value, list):
             setattr(spec, key, [value])
@@ -61,27 +70,53 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40]
 
 
+def extreme_jobs(spec: SweepSpec, contributions: list[dict]) -> list[Job]:
+    """The second pass of `spec.extreme_seeds`: full and the best and worst single layer of each condition
+    (by contribution; `contributions` are rows of contributions.csv), once per extra seed."""
+    if not spec.extreme_seeds:
+        return []
+    by_condition: dict[str, list[dict]] = {}
+    for row in contributions:
+        if str(row.get("contribution", "nan")) not in ("nan", ""):
+            by_condition.setdefault(row["condition"], []).append(row)
+    jobs = []
+    for condition, rows in by_condition.items():
+        model, task, algo = condition.split("/")
+        ranked = sorted(rows, key=lambda r: float(r["contribution"]))
+        layers = ["all", *dict.fromkeys([str(int(ranked[-1]["layer"])), str(int(ranked[0]["layer"]))])]
+        jobs += _jobs_for(spec, model, task, algo, spec.extreme_seeds, layers, model_num_layers(model))
+    return jobs
+
+
+def _jobs_for(spec: SweepSpec, model: str, task: str, algo: str, seeds, layer_specs, n_layers: int) -> list[Job]:
+    jobs = []
+    for seed in seeds:
+        for layers in layer_specs:
+            cfg = make_config({**spec.train, "model": model, "task": task, "algo": algo, "seed": seed,
+                               "layers": layers})
+            label = layers if layers in ("none", "all") else describe_layers(parse_layer_spec(layers, n_layers), n_layers)
+            job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{_slug(label)}-s{seed}-{config_hash(cfg)[:8]}"
+            jobs.append(Job(job_id, f"{model}/{task}/{algo}", layers, int(seed), cfg))
+    return jobs
+
+
 def plan(spec: SweepSpec) -> list[Job]:
-    """Every job of the sweep, in a stable order (base and full first within each condition)."""
+    """Every job of the sweep's first pass, in a stable order (base and full first within each condition)."""
     jobs: list[Job] = []
     for model in spec.models:
         n_layers = model_num_layers(model)
         layer_specs = ["none", "all"]
-        if spec.single_layers:
+        if spec.single_layers is True:
             layer_specs += [str(i) for i in range(n_layers)]
+        elif spec.single_layers:
+            singles = sorted({parse_layer_spec(str(i), n_layers)[0] for i in spec.single_layers})
+            layer_specs += [str(i) for i in singles]
         for extra in spec.layer_sets:
             parse_layer_spec(str(extra), n_layers)  # fail early, naming the spec and the layer count
             layer_specs.append(str(extra))
         for task in spec.tasks:
             for algo in spec.algos:
-                condition = f"{model}/{task}/{algo}"
-                for seed in spec.seeds:
-                    for layers in layer_specs:
-                        cfg = make_config({**spec.train, "model": model, "task": task, "algo": algo,
-                                           "seed": seed, "layers": layers})
-                        label = layers if layers in ("none", "all") else describe_layers(parse_layer_spec(layers, n_layers), n_layers)
-                        job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{_slug(label)}-s{seed}-{config_hash(cfg)[:8]}"
-                        jobs.append(Job(job_id, condition, layers, int(seed), cfg))
+                jobs += _jobs_for(spec, model, task, algo, spec.seeds, layer_specs, n_layers)
     ids = [j.id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ConfigError("the sweep lists the same job twice (duplicate layer sets or seeds)")

@@ -15,7 +15,14 @@ level problem                operands                      distinct problems
 4     ``a+b``                a, b in 100..999              810,000
 5     ``a+b+c``              a, b, c in 10..99             729,000
 6     ``a*b``                a in 10..99, b in 2..9        720
+7     ``a+b``, ``a-b``,      a, b in 0..9                  300
+      ``a*b``
+8     level 7, and ``a+b``   level 7; or a in 10..99 and   1,200
+      with a two-digit a     b in 0..9
 ====  =====================  ============================  ==================
+
+Levels 7 and 8 are sized for a small pretrained model (SmolLM2-135M-Instruct with few-shot prompts
+starts inside the 15-60 % band on them; README), where levels 2-6 start near 0 %.
 
 Splits are disjoint by construction: a problem belongs to ``eval`` exactly when a SHA-256 hash of its
 canonical text (``"23+58"``) is 0 mod 5, independently of ``seed`` and ``difficulty``, so no eval
@@ -32,14 +39,19 @@ import re
 
 from .base import Task, TaskError, check_split
 
-# level -> (operators, operand ranges); the first range is for a, then b (then c)
-LEVELS: dict[int, tuple[tuple[str, ...], tuple[tuple[int, int], ...]]] = {
-    1: (("+",), ((0, 9), (0, 9))),
-    2: (("+",), ((10, 99), (10, 99))),
-    3: (("+", "-"), ((10, 99), (10, 99))),
-    4: (("+",), ((100, 999), (100, 999))),
-    5: (("+",), ((10, 99), (10, 99), (10, 99))),
-    6: (("*",), ((10, 99), (2, 9))),
+# level -> its problem forms, each (operators, operand ranges); the first range is for a, then b (then c).
+# A level with several forms holds the union of their problems.
+Form = tuple[tuple[str, ...], tuple[tuple[int, int], ...]]
+_ONE_DIGIT_MIX: Form = (("+", "-", "*"), ((0, 9), (0, 9)))
+LEVELS: dict[int, tuple[Form, ...]] = {
+    1: ((("+",), ((0, 9), (0, 9))),),
+    2: ((("+",), ((10, 99), (10, 99))),),
+    3: ((("+", "-"), ((10, 99), (10, 99))),),
+    4: ((("+",), ((100, 999), (100, 999))),),
+    5: ((("+",), ((10, 99), (10, 99), (10, 99))),),
+    6: ((("*",), ((10, 99), (2, 9))),),
+    7: (_ONE_DIGIT_MIX,),
+    8: (_ONE_DIGIT_MIX, (("+",), ((10, 99), (0, 9)))),
 }
 
 EVAL_MODULUS = 5  # 1 in 5 problems is reserved for eval
@@ -72,6 +84,7 @@ class ArithTask(Task):
 
     name = "arith"
     max_completion_length = 8  # answers are at most 6 characters, then EOS
+    answer_type = "number"  # prompt formats extract a number before scoring (onelayer.tasks.prompts)
 
     def __init__(self, difficulty: int = 2, n_train: int = 20000, n_eval: int = 500, seed: int = 0):
         if isinstance(difficulty, bool) or difficulty not in LEVELS:
@@ -89,22 +102,31 @@ class ArithTask(Task):
         self._cache: dict[str, list[dict]] = {}
 
     # -- problem generation -------------------------------------------------------------------
+    def _form_sizes(self) -> list[int]:
+        sizes = []
+        for ops, ranges in LEVELS[self.difficulty]:
+            size = len(ops) ** (len(ranges) - 1)
+            for lo, hi in ranges:
+                size *= hi - lo + 1
+            sizes.append(size)
+        return sizes
+
     def _pool_size(self) -> int:
-        ops, ranges = LEVELS[self.difficulty]
-        size = len(ops) ** (len(ranges) - 1)
-        for lo, hi in ranges:
-            size *= hi - lo + 1
-        return size
+        return sum(self._form_sizes())
 
     def _all_problems(self) -> list[str]:
-        ops, ranges = LEVELS[self.difficulty]
-        problems = [str(v) for v in range(ranges[0][0], ranges[0][1] + 1)]
-        for lo, hi in ranges[1:]:
-            problems = [f"{p}{op}{v}" for p in problems for op in ops for v in range(lo, hi + 1)]
-        return problems
+        out: list[str] = []
+        for ops, ranges in LEVELS[self.difficulty]:
+            problems = [str(v) for v in range(ranges[0][0], ranges[0][1] + 1)]
+            for lo, hi in ranges[1:]:
+                problems = [f"{p}{op}{v}" for p in problems for op in ops for v in range(lo, hi + 1)]
+            out.extend(problems)
+        return list(dict.fromkeys(out))  # forms may overlap (7+5 is in two); each problem once
 
     def _random_problem(self, rng: random.Random) -> str:
-        ops, ranges = LEVELS[self.difficulty]
+        forms = LEVELS[self.difficulty]
+        # one form: no draw for it, so single-form levels give the same problems as before forms existed
+        ops, ranges = forms[0] if len(forms) == 1 else rng.choices(forms, weights=self._form_sizes())[0]
         text = str(rng.randint(*ranges[0]))
         for lo, hi in ranges[1:]:
             text += rng.choice(ops) + str(rng.randint(lo, hi))
@@ -145,3 +167,7 @@ class ArithTask(Task):
 
     def demonstration(self, item: dict) -> str:
         return str(item["answer"])
+
+    def chat_prompt(self, item: dict) -> str:
+        """The problem as a question, for chat-formatted prompts."""
+        return f"What is {item['id']}? Answer with the number only."

@@ -15,7 +15,8 @@ from onelayer.io import atomic_write_json
 from onelayer.stats import bootstrap_ci
 from onelayer.tasks.codedata import mean_pass_at_k
 from onelayer.train.evaluate import sampled_pass_counts, task_scores
-from onelayer.train.setup import completion_budget, load_model, resolve_device, setup_torch
+from onelayer.train.precision import Precision
+from onelayer.train.setup import completion_budget, format_task, load_model, resolve_device, setup_torch
 
 
 def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, samples: int = 1,
@@ -27,16 +28,25 @@ def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, 
                           "success rate over held-out seeds; set episodes per seed with --task-opt eval_samples=N)")
     max_new = completion_budget(cfg, task)
     model, tok, source = load_model(cfg, task, max_new, resolve_device(cfg.device), log)
+    task, cfg = format_task(cfg, task, tok, budget_given=cfg.max_completion_length is not None)
+    max_new = cfg.max_completion_length
+    precision = Precision.from_config(cfg.dtype, cfg.frozen_dtype, next(model.parameters()).device.type)
+    model.requires_grad_(False)
+    precision.apply(model)
     items = task.items("eval")
-    scores = task_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)
+    with precision.autocast():
+        scores = task_scores(model.eval(), tok, task, items, max_new_tokens=max_new, batch_size=batch_size)
     score = sum(scores) / len(scores)
     record = {"score": score, "ci95": bootstrap_ci(scores), "n": len(scores), "task": cfg.task,
               "task_options": task.options, "model": cfg.model, "model_source": str(source),
+              "prompt_format": cfg.prompt_format,
               "item_ids": [it["id"] for it in items], "item_scores": scores}
     log(f"score {score:.1%} 95% CI [{record['ci95'][0]:.1%}, {record['ci95'][1]:.1%}] on {len(scores)} items of {cfg.task}")
     if samples > 1:
-        counts = sampled_pass_counts(model, tok, task, items, n=samples, max_new_tokens=max_new,
-                                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=batch_size)
+        with precision.autocast():
+            counts = sampled_pass_counts(model, tok, task, items, n=samples, max_new_tokens=max_new,
+                                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                                         batch_size=batch_size)
         ks = [k for k in pass_k if k <= samples]
         record.update(samples=samples, temperature=cfg.temperature, top_p=cfg.top_p, item_pass_counts=counts,
                       pass_at_k={str(k): mean_pass_at_k([(samples, c) for c in counts], k) for k in ks})

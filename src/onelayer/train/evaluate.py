@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from onelayer.rollout import decode_completions, encode_prompts, sample
+from onelayer.rollout import sample_texts
 from onelayer.rollout.episodes import success_scores
 
 
@@ -21,11 +21,9 @@ def greedy_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, b
     scores: list[float] = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        batch = sample(
-            model, encode_prompts(tok, [it["prompt"] for it in chunk]), num_generations=1,
-            max_new_tokens=max_new_tokens, greedy=True, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-        )
-        completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
+        _, completions = sample_texts(model, tok, [it["prompt"] for it in chunk], num_generations=1,
+                                      max_new_tokens=max_new_tokens, greedy=True,
+                                      stop_strings=getattr(task, "stop_strings", ()))
         scores.extend(float(s) for s in task.score_batch(chunk, completions))
     return scores
 
@@ -39,12 +37,9 @@ def sampled_pass_counts(model, tok, task, items: list[dict], *, n: int, max_new_
     counts: list[int] = []
     for i in range(0, len(items), per_batch):
         chunk = items[i : i + per_batch]
-        batch = sample(
-            model, encode_prompts(tok, [it["prompt"] for it in chunk]), num_generations=n,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen,
-        )
-        completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
+        _, completions = sample_texts(model, tok, [it["prompt"] for it in chunk], num_generations=n,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      generator=gen, stop_strings=getattr(task, "stop_strings", ()))
         repeated = [it for it in chunk for _ in range(n)]  # sample() groups the n completions of a prompt
         scores = task.score_batch(repeated, completions)
         counts.extend(sum(1 for s in scores[j * n:(j + 1) * n] if s >= 1.0) for j in range(len(chunk)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from onelayer.algos import anchor_group_stats, episode_returns, gigpo_advantages, group_advantages
-from onelayer.rollout import RolloutBatch, decode_completions, encode_prompts, sample
+from onelayer.rollout import RolloutBatch, sample, sample_texts
 from onelayer.rollout.episodes import play
 
 
@@ -48,11 +48,11 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
                    **{f"anchor_{k}": v for k, v in anchor_group_stats(eps.group_ids, eps.anchors).items()}}
         return Experience(eps.batch, eps.step_rewards, eps.traj_ids, eps.group_ids, eps.anchors, metrics)
     capture = {"capture_block": capture_block, "block_path": block_path} if capture_block is not None else {}
-    batch = sample_fn(model, encode_prompts(tok, [it["prompt"] for it in items]), num_generations=num_generations,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator, **capture)
+    batch, completions = sample_texts(model, tok, [it["prompt"] for it in items], sample_fn=sample_fn,
+                                      stop_strings=getattr(task, "stop_strings", ()), num_generations=num_generations,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      generator=generator, **capture)
     t1 = time.perf_counter()
-    completions = decode_completions(tok, batch.completion_ids, batch.completion_mask)
     group = batch.prompt_index.cpu()
     rewards = torch.tensor(task.score_batch([items[i] for i in group.tolist()], completions), dtype=torch.float32)
     return Experience(batch, rewards, torch.arange(len(rewards)), group, group.tolist(),

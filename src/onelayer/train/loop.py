@@ -29,11 +29,13 @@ from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.models.prefix import reuse_block
 from onelayer.rollout import sample, sequence_block_input, sequence_logprobs
+from onelayer.rollout.lean import forward_path
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
+from onelayer.train.precision import Precision
 from onelayer.train.setup import (
-    check_backend, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
+    check_backend, format_task, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
 )
 
 # Settings that may differ when a killed run is resumed (they do not change the result beyond float rounding).
@@ -63,6 +65,9 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     max_new = cfg.max_completion_length
     check_backend(cfg)
     model, tok, source = load_model(cfg, task, max_new, device, log)
+    # prompts for this model: raw, few-shot or chat (a chat reply gets a longer default budget)
+    task, cfg = format_task(cfg, task, tok, budget_given=user_cfg.max_completion_length is not None)
+    max_new = cfg.max_completion_length
 
     # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.
     selection = select_layers(model, cfg.layers, block_path=cfg.block_path, train_embeddings=cfg.train_embeddings,
@@ -70,6 +75,11 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     log(f"layers {cfg.layers!r} -> blocks {selection.indices} of {selection.num_layers}; trainable parameters "
         f"{selection.trainable_params:,} of {selection.total_params:,} "
         f"({selection.trainable_params / selection.total_params:.1%})")
+    precision = Precision.from_config(cfg.dtype, cfg.frozen_dtype, device)
+    precision.apply(model)  # trainable tensors float32, frozen ones in frozen_dtype
+    with precision.autocast():
+        forward = forward_path(model)  # lean, or the model's own with the reason
+    log(f"precision: {precision.describe()}; forward: {forward}")
     fingerprint = fingerprint_frozen(model)
     ref_weights = copy_trainable(model) if cfg.beta > 0 else None  # one copy of the trainable blocks only
     # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
@@ -84,7 +94,8 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     resolved = {**cfg.to_dict(), "scale_rewards": scale, "loss_type": loss_agg,
                 "model_source": str(source), "layer_indices": selection.indices, "num_layers": selection.num_layers,
                 "trainable_params": selection.trainable_params, "total_params": selection.total_params,
-                "task_options": task.options, "config_hash": config_hash(user_cfg)}
+                "task_options": task.options, "config_hash": config_hash(user_cfg),
+                "precision": precision.describe(), "forward": forward}
     atomic_write_json(out / "config.json", resolved)
     _set_status(out, "running")
 
@@ -95,7 +106,9 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
 
     train_items, eval_items = task.items("train"), task.items("eval")
-    evaluate = lambda: task_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)  # noqa: E731
+    def evaluate():
+        with precision.autocast():
+            return task_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)
     base_scores = _cached(out / "base_eval.json", evaluate)
     log(f"base score {_mean(base_scores):.1%} on {len(eval_items)} eval items")
 
@@ -113,10 +126,12 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             # behaviour log-probs for the ratio, then advantages
             if sample_fn is not sample:
                 sample_fn.sync_weights(model)  # push the updated trainable tensors into the engine
-            exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations, max_new_tokens=max_new,
-                          temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, sample_fn=sample_fn,
-                          # vLLM hands out no hidden states: then the prefix is computed once per batch below
-                          capture_block=reuse_at if sample_fn is sample else None, block_path=cfg.block_path)
+            with precision.autocast():
+                exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations,
+                              max_new_tokens=max_new, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen,
+                              sample_fn=sample_fn, block_path=cfg.block_path,
+                              # vLLM hands out no hidden states: then the prefix is computed once per batch below
+                              capture_block=reuse_at if sample_fn is sample else None)
             batch = exp.batch
             advantages = step_advantages(exp, preset, scale, cfg.balance_episodes).to(device)
             t2 = time.perf_counter()
@@ -124,13 +139,17 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             # log-probs: the frozen prefix's output (unless the rollout captured it), then the reference's
             hidden = batch.block_input
             if reuse_at is not None and hidden is None:
-                hidden = sequence_block_input(model, batch.input_ids, batch.attention_mask, reuse_at, cfg.block_path)
+                with precision.autocast():
+                    hidden = sequence_block_input(model, batch.input_ids, batch.attention_mask, reuse_at,
+                                                  cfg.block_path)
 
-            def logprobs(idx):
+            def logprobs(idx):  # float32 log-probs; the forward under autocast when mixed
                 start = {} if reuse_at is None else {"block_input": hidden[idx], "block_index": reuse_at,
                                                      "block_path": cfg.block_path}
-                return sequence_logprobs(model, batch.input_ids[idx], batch.attention_mask[idx], batch.prompt_len,
-                                         temperature=cfg.temperature, prompt_index=batch.prompt_index[idx], **start)
+                with precision.autocast():
+                    return sequence_logprobs(model, batch.input_ids[idx], batch.attention_mask[idx],
+                                             batch.prompt_len, temperature=cfg.temperature,
+                                             prompt_index=batch.prompt_index[idx], **start)
 
             ref_logp = None
             if ref_weights is not None:
@@ -195,6 +214,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         "score": _mean(scores), "ci95": bootstrap_ci(scores), "n": len(scores),
         "task": cfg.task, "task_options": task.options, "model": cfg.model, "algo": cfg.algo, "seed": cfg.seed,
         "layers": cfg.layers, "layer_indices": selection.indices, "num_layers": selection.num_layers,
+        "prompt_format": cfg.prompt_format, "precision": precision.describe(),
         "trainable_params": selection.trainable_params, "total_params": selection.total_params,
         "base_score": _mean(base_scores), "base_ci95": bootstrap_ci(base_scores),
         "gain": _mean(scores) - _mean(base_scores), "gain_ci95": paired_bootstrap_ci(scores, base_scores),

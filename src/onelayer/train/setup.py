@@ -8,15 +8,15 @@ import random
 import torch
 
 from onelayer.config import ConfigError, TrainConfig
-from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers
+from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers, resolve_real
 from onelayer.models.layers import parse_layer_spec
 from onelayer.rollout import sample
 from onelayer.train.warmstart import warm_started
 
 
-def completion_budget(cfg: TrainConfig, task) -> int:
+def completion_budget(cfg: TrainConfig, task, ignore_config: bool = False) -> int:
     """Max new tokens per completion: the config's value, else the task's suggestion, else 64."""
-    return cfg.max_completion_length or getattr(task, "max_completion_length", 64)
+    return (None if ignore_config else cfg.max_completion_length) or getattr(task, "max_completion_length", 64)
 
 
 # onelayer's defaults for the settings a task may suggest its own values for (``task.train_defaults``)
@@ -35,13 +35,25 @@ def with_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
 
 def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
     """The policy to train: a built-in model is warm-started for the task (cached) unless disabled."""
-    source = cfg.model
+    source = resolve_real(cfg.model, log)  # a real model's cached directory (never warm-started)
     if cfg.model in BUILTIN_MODELS and cfg.warm_start:
         parse_layer_spec(cfg.layers, model_num_layers(cfg.model))  # a bad spec fails before the warm start
         source = warm_started(cfg.model, task, max_new_tokens=max_new, log=log)
-    dtype = getattr(torch, cfg.dtype)
-    model, tok = load_policy(source, dtype=dtype, device=device)
+    # float32 first: layer selection decides which tensors stay float32 (`train.precision`)
+    model, tok = load_policy(source, dtype=torch.float32, device=device)
     return model, tok, source
+
+
+def format_task(cfg: TrainConfig, task, tok, budget_given: bool = False):
+    """The task with its prompts in the configured format (or the model's default), and the config with
+    that format filled in (so config.json records it) and, unless `budget_given`, the format's completion
+    budget."""
+    from onelayer.tasks.prompts import PromptFormat, default_format, formatted
+
+    kind = cfg.prompt_format or default_format(cfg.model, tok, task)
+    task = formatted(task, tok, PromptFormat(kind, shots=cfg.fewshot_k, system=cfg.system_prompt))
+    budget = cfg.max_completion_length if budget_given else completion_budget(cfg, task, ignore_config=True)
+    return task, dataclasses.replace(cfg, prompt_format=kind, max_completion_length=budget)
 
 
 def check_backend(cfg: TrainConfig) -> None:

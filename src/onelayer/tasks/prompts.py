@@ -1,0 +1,174 @@
+"""Prompt formats for pretrained and instruct models, and the answer extraction each one needs.
+
+A task's items carry a terse ``prompt`` (``"23+58="``) that suits the character-level built-ins. A
+pretrained model needs more context. ``formatted(task, tok, fmt)`` wraps a task so that its items'
+prompts are rendered in one of three formats, and its scorer first extracts the answer the way that
+format needs:
+
+- ``raw``: the task's own prompt; the completion is scored as it is.
+- ``fewshot``: ``shots`` solved *train* items (``prompt`` + demonstration, one per line) before the
+  problem, drawn once with a fixed seed, never from the eval split and never the item itself. The
+  sampler stops at the end of the line (stop string ``"\\n"``); a numeric answer is the first number.
+- ``chat``: the tokenizer's own chat template around the task's ``chat_prompt(item)`` (a question in
+  words, where the task defines one), with an optional system message. A numeric answer is taken
+  with math-verify, then the last ``\\boxed{}``, then the last number.
+
+Agent tasks keep their turn prompts; with ``chat`` each turn is wrapped in the chat template.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .base import TaskError
+
+PROMPT_FORMATS = ("raw", "fewshot", "chat")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    kind: str = "raw"  # raw, fewshot or chat
+    shots: int = 4  # fewshot: solved examples before the problem
+    system: str | None = None  # chat: a system message (None: the template's own default, if any)
+    seed: int = 0  # fewshot: which train items become the examples
+
+    def __post_init__(self):
+        if self.kind not in PROMPT_FORMATS:
+            raise TaskError(f"unknown prompt_format {self.kind!r}; use one of {', '.join(PROMPT_FORMATS)}")
+        if self.shots < 1:
+            raise TaskError(f"fewshot_k={self.shots}: a few-shot prompt needs at least one example")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return ("\n",) if self.kind == "fewshot" else ()
+
+
+def first_number(text: str) -> str | None:
+    m = _NUMBER.search(text)
+    return m.group(0) if m else None
+
+
+def chat_number(text: str) -> str | None:
+    """The numeric answer of a chat reply: math-verify's parse, else the last \\boxed{}, else the last number."""
+    try:
+        from math_verify import parse
+
+        parsed = parse(text)
+        if len(parsed) > 1 and _NUMBER.fullmatch(str(parsed[1]).strip()):
+            return str(parsed[1]).strip()
+    except Exception:  # noqa: BLE001 - math-verify may time out or fail on odd text; fall back
+        pass
+    boxed = _BOXED.findall(text)
+    if boxed and (n := first_number(boxed[-1])):
+        return n
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` up to (not including) the first of the stop strings."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+class FormattedTask:
+    """A task whose prompts are rendered in a `PromptFormat` and whose scorer extracts answers first.
+
+    Everything else (name, options, splits, demonstrations, agent attributes) is the wrapped task's.
+    """
+
+    def __init__(self, task, tok, fmt: PromptFormat):
+        self.task, self.tok, self.fmt = task, tok, fmt
+        self.stop_strings = fmt.stop_strings
+        if fmt.kind == "chat" and not getattr(tok, "chat_template", None):
+            raise TaskError("prompt_format chat needs a tokenizer with a chat template; this model has none "
+                            "(use prompt_format fewshot or raw)")
+        self._shots: list[tuple[str, str, str]] = []
+        if fmt.kind == "fewshot" and not getattr(task, "is_agent", False):
+            pool = [(it["id"], it["prompt"], d) for it in task.items("train")
+                    if (d := task.demonstration(it)) is not None and "\n" not in d]
+            if len(pool) <= fmt.shots:
+                raise TaskError(f"prompt_format fewshot needs more than {fmt.shots} train items with one-line "
+                                f"demonstrations; {task.name} has {len(pool)}")
+            self._shots = random.Random(f"fewshot:{fmt.seed}").sample(pool, fmt.shots + 1)
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    @property
+    def max_completion_length(self) -> int:
+        """The task's budget; a chat reply gets more room (instruct models restate the question first)."""
+        base = getattr(self.task, "max_completion_length", 64)
+        return base + 24 if self.fmt.kind == "chat" else base
+
+    def __repr__(self) -> str:
+        return f"{self.task!r} [{self.fmt.kind}]"
+
+    # -- prompts ----------------------------------------------------------------------------
+    def _chat(self, content: str) -> str:
+        messages = ([{"role": "system", "content": self.fmt.system}] if self.fmt.system else []) + [
+            {"role": "user", "content": content}]
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def render(self, item: dict) -> str:
+        if self.fmt.kind == "fewshot":
+            shots = [s for s in self._shots if s[0] != item["id"]][: self.fmt.shots]
+            return "".join(f"{p}{d}\n" for _, p, d in shots) + item["prompt"]
+        if self.fmt.kind == "chat":
+            chat_prompt = getattr(self.task, "chat_prompt", None)
+            return self._chat(chat_prompt(item) if chat_prompt else item["prompt"])
+        return item["prompt"]
+
+    def items(self, split: str) -> list[dict]:
+        items = self.task.items(split)
+        if getattr(self.task, "is_agent", False) or self.fmt.kind == "raw":
+            return items
+        return [{**it, "raw_prompt": it["prompt"], "prompt": self.render(it)} for it in items]
+
+    def prompt(self, *args, **kwargs) -> str:
+        """Agent tasks: one turn's prompt, in the chat template when the format is chat."""
+        text = self.task.prompt(*args, **kwargs)
+        return self._chat(text) if self.fmt.kind == "chat" else text
+
+    # -- scoring ----------------------------------------------------------------------------
+    def answer(self, completion: str) -> str:
+        """What the wrapped task scores: the completion cut at the stop string, and for numeric answers
+        the number this format puts it in."""
+        text = cut_at_stop(completion, self.stop_strings)
+        if getattr(self.task, "answer_type", "text") != "number" or self.fmt.kind == "raw":
+            return text
+        n = first_number(text) if self.fmt.kind == "fewshot" else chat_number(text)
+        return "" if n is None else n
+
+    def score(self, item: dict, completion: str) -> float:
+        return self.task.score(item, self.answer(completion))
+
+    def score_batch(self, items: list[dict], completions: list[str]) -> list[float]:
+        return self.task.score_batch(items, [self.answer(c) for c in completions])
+
+
+def default_format(model_name: str, tok, task) -> str:
+    """raw for the character-level built-ins. Otherwise, single-turn tasks take the format measured best on
+    the built-in real model (few-shot: README), which also suits base models without a chat template;
+    agent tasks take the chat template when the model has one."""
+    from onelayer.models import BUILTIN_MODELS
+    from onelayer.models.real import REAL_MODELS
+
+    if model_name in BUILTIN_MODELS:
+        return "raw"
+    if getattr(task, "is_agent", False):
+        return "chat" if getattr(tok, "chat_template", None) else "raw"
+    if model_name in REAL_MODELS:
+        return REAL_MODELS[model_name].prompt_format
+    return "fewshot"
+
+
+def formatted(task, tok, fmt: PromptFormat):
+    """``task`` in format ``fmt`` (the task itself for raw single-turn prompts)."""
+    if fmt.kind == "raw":
+        return task
+    return FormattedTask(task, tok, fmt)
