@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from onelayer.cli import main
+from onelayer.config import ConfigError
 from onelayer.models import ModelError, build_tiny
-from onelayer.models.layers import LayerSpecError, find_blocks, select_layers
+from onelayer.models.layers import LayerSpecError, copy_trainable, find_blocks, select_layers, trainable_parameters
 from onelayer.models.plan import (
     activation_elements_per_token_per_block,
     block_shape,
@@ -64,12 +65,13 @@ def test_plan_has_full_and_selected_with_optimizer_bytes():
             "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "reference_bytes"))
     assert plan["num_layers"] == 28 and plan["selected"]["layer_indices"] == [13]
     assert plan["full"]["layer_indices"] == list(range(28))
-    assert "master weights" in plan["assumptions"]["optimizer"]
+    assert "no separate master copy" in plan["assumptions"]["optimizer"]
+    assert plan["assumptions"]["state_bytes_per_trainable_param"] == 16
     assert plan["total_ratio"] == pytest.approx(plan["selected"]["total_bytes"] / plan["full"]["total_bytes"])
 
 
-@pytest.mark.parametrize("dtype,per_param", [("bf16", 12), ("fp32", 8)])
-def test_middle_one_optimizer_is_one_block(dtype, per_param):
+@pytest.mark.parametrize("dtype,frozen_bytes", [("bf16", 2), ("fp32", 4)])
+def test_middle_one_optimizer_is_one_block(dtype, frozen_bytes):
     plan = plan_memory("qwen3-8b", "middle:1", dtype=dtype)
     model = meta_model(resolve_config("qwen3-8b")[0])
     _, blocks = find_blocks(model)
@@ -77,12 +79,38 @@ def test_middle_one_optimizer_is_one_block(dtype, per_param):
     sel, full = plan["selected"], plan["full"]
     assert sel["layer_indices"] == [17]
     assert sel["trainable_params"] == block_params
-    assert sel["optimizer_bytes"] == per_param * block_params
-    assert full["optimizer_bytes"] == per_param * full["total_params"]
+    # trainable tensors and their AdamW moments are fp32 whatever the compute dtype
+    assert sel["optimizer_bytes"] == 8 * block_params
+    assert full["optimizer_bytes"] == 8 * full["total_params"]
     assert sel["optimizer_bytes"] < 0.05 * full["optimizer_bytes"]
-    # frozen weights stay resident; gradients exist only for the block
-    assert sel["param_bytes"] == full["param_bytes"]
-    assert sel["grad_bytes"] == block_params * (4 if dtype == "fp32" else 2)
+    # frozen weights stay resident at the compute dtype (the default frozen dtype); gradients exist only for the block
+    assert full["param_bytes"] == 4 * full["total_params"]
+    assert sel["param_bytes"] == 4 * block_params + frozen_bytes * (full["total_params"] - block_params)
+    assert sel["grad_bytes"] == 4 * block_params
+
+
+def test_full_plan_is_16_bytes_per_parameter_and_frozen_tensors_use_the_frozen_dtype():
+    full = plan_memory("qwen3-1.7b", "all")["full"]
+    assert full["trainable_params"] == full["total_params"]
+    assert full["param_bytes"] + full["grad_bytes"] + full["optimizer_bytes"] == 16 * full["total_params"]
+    for frozen_dtype, frozen_bytes in ((None, 2), ("fp16", 2), ("float32", 4)):
+        plan = plan_memory("qwen3-1.7b", "5", dtype="bf16", frozen_dtype=frozen_dtype)
+        sel = plan["selected"]
+        frozen = sel["total_params"] - sel["trainable_params"]
+        assert sel["layer_indices"] == [5] and frozen > 0.9 * sel["total_params"]
+        assert sel["param_bytes"] == 4 * sel["trainable_params"] + frozen_bytes * frozen, frozen_dtype
+        assert sel["grad_bytes"] + sel["optimizer_bytes"] == 12 * sel["trainable_params"]
+        assert plan["assumptions"]["state_bytes_per_frozen_param"] == frozen_bytes
+    assert plan["frozen_dtype"] == "fp32" and "frozen parameters at fp32" in plan["assumptions"]["weights"]
+
+
+def test_half_frozen_dtype_needs_a_half_compute_dtype_as_in_the_trainer(capsys):
+    with pytest.raises(ConfigError):
+        plan_memory("qwen3-0.6b", "1", dtype="fp32", frozen_dtype="bf16")
+    assert main(["plan", "--model-config", "qwen3-0.6b", "--layers", "1", "--dtype", "float32",
+                 "--frozen-dtype", "bfloat16"]) == 2
+    assert "half-precision compute dtype" in capsys.readouterr().err
+    assert plan_memory("qwen3-0.6b", "1", dtype="fp32", frozen_dtype="fp32")["frozen_dtype"] == "fp32"
 
 
 def test_activations_start_at_the_lowest_trainable_block():
@@ -110,7 +138,7 @@ def test_embeddings_and_head_options_follow_the_trainer():
 
 def test_beta_adds_a_reference_copy_of_trainable_tensors():
     plan = plan_memory("qwen2.5-1.5b", "3-4", beta=0.04)
-    assert plan["selected"]["reference_bytes"] == 2 * plan["selected"]["trainable_params"]
+    assert plan["selected"]["reference_bytes"] == 4 * plan["selected"]["trainable_params"]  # fp32 copies
     assert plan_memory("qwen2.5-1.5b", "3-4")["selected"]["reference_bytes"] == 0
 
 
@@ -170,11 +198,17 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert main(["plan", "--model-config", "qwen3-8b", "--layers", "middle:1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "optimizer GiB" in text and "selected / full total" in text
+    assert "compute bf16; trainable weights + gradients + AdamW states fp32 (16 B/param), frozen bf16" in text
     plan = json.loads(out.read_text())
     assert {"model_config", "layers", "full", "selected", "assumptions"} <= set(plan)
     assert plan["model_config"] == "qwen3-8b" and plan["layers"] == "middle:1"
     assert ENTRY_KEYS <= set(plan["full"]) and ENTRY_KEYS <= set(plan["selected"])
+    assert (plan["dtype"], plan["trainable_dtype"], plan["frozen_dtype"]) == ("bf16", "fp32", "bf16")
     assert not list(tmp_path.glob(".*.tmp"))
+    assert main(["plan", "--model-config", "qwen3-8b", "--layers", "middle:1", "--frozen-dtype", "fp32",
+                 "--json", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["selected"]["param_bytes"] == 4 * plan["selected"]["total_params"]
 
 
 def test_cli_unknown_config_is_a_one_line_error(capsys):
@@ -203,22 +237,43 @@ def test_cli_rejects_bad_sizes(capsys):
     assert "--seq-len" in capsys.readouterr().err
 
 
-def test_adam_states_at_the_weights_dtype_match_the_trainers_optimizer():
-    """`--adam-states weights` is what `torch.optim.AdamW` on bf16 parameters (onelayer train --dtype
-    bfloat16) holds: two moments at 2 bytes each, no master copy; the default is mixed precision."""
-    import torch
+def _held_bytes(model, spec: str, layout: str) -> dict[str, int]:
+    """Weights, gradients, AdamW moments and KL reference a tiny model really holds after one step."""
+    select_layers(model, spec, train_non_block=spec == "all")
+    if layout == "fp32":
+        from onelayer.train.precision import Precision
 
-    from onelayer.models import build_tiny
-    from onelayer.models.layers import select_layers, trainable_parameters
-
-    plan = plan_memory("tiny-qwen3", "middle:1", dtype="bf16", adam_states="weights")
-    model, _ = build_tiny("tiny-qwen3")
-    model = model.to(torch.bfloat16)
-    select_layers(model, "middle:1")
+        Precision.from_config("bfloat16", None, "cpu").apply(model)  # the trainer's call (train/loop.py)
+    else:
+        model.to(torch.bfloat16)
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params)
     sum(p.float().sum() for p in params).backward()
     opt.step()
-    moments = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
-    assert plan["selected"]["optimizer_bytes"] == moments == 4 * plan["selected"]["trainable_params"]
-    assert plan_memory("tiny-qwen3", "middle:1", dtype="bf16")["selected"]["optimizer_bytes"] == 12 * moments // 4
+
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    return {
+        "param_bytes": size(model.parameters()),  # a tied tensor is listed once
+        "grad_bytes": size(p.grad for p in params),
+        "optimizer_bytes": size(t for st in opt.state.values() for k, t in st.items() if k != "step"),
+        "reference_bytes": size(copy_trainable(model).values()),
+    }
+
+
+@pytest.mark.parametrize("layout", ["fp32", "weights"])
+@pytest.mark.parametrize("spec", ["middle:1", "all"])
+def test_plan_matches_what_the_trainer_holds(layout, spec):
+    """Default layout: what onelayer train --dtype bfloat16 holds (fp32 trainable tensors, gradients and AdamW
+    moments, bf16 frozen tensors). `--adam-states weights`: torch.optim.AdamW on bf16 parameters as they are."""
+    plan = plan_memory("tiny-qwen3", spec, dtype="bf16", adam_states=layout, beta=0.04)
+    model, _ = build_tiny("tiny-qwen3")
+    held = _held_bytes(model, spec, layout)
+    assert {k: plan["selected"][k] for k in held} == held
+    warned = "not what onelayer trains with" in plan["assumptions"]["optimizer"]
+    assert warned == (layout == "weights")
+    per_param = 16 if layout == "fp32" else 8
+    sel = plan["selected"]
+    assert sel["param_bytes"] - (sel["total_params"] - sel["trainable_params"]) * 2 + sel["grad_bytes"] \
+        + sel["optimizer_bytes"] == per_param * sel["trainable_params"]

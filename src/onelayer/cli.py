@@ -149,9 +149,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {value}: must be a positive integer")
     if args.beta < 0:
         raise ConfigError(f"--beta {args.beta}: must be >= 0")
-    plan = plan_memory(args.model_config, args.layers, dtype=args.dtype, batch_size=args.batch_size,
-                       seq_len=args.seq_len, beta=args.beta, train_embeddings=args.train_embeddings,
-                       train_lm_head=args.train_lm_head, block_path=args.block_path, adam_states=args.adam_states)
+    plan = plan_memory(args.model_config, args.layers, dtype=args.dtype, frozen_dtype=args.frozen_dtype,
+                       batch_size=args.batch_size, seq_len=args.seq_len, beta=args.beta,
+                       train_embeddings=args.train_embeddings, train_lm_head=args.train_lm_head,
+                       block_path=args.block_path, adam_states=args.adam_states)
     print(format_plan(plan))
     if args.json:
         atomic_write_json(args.json, plan)
@@ -232,13 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", required=True,
                    help="shipped name (qwen3-0.6b/1.7b/4b/8b, qwen2.5-1.5b/7b), built-in tiny model, config.json or its directory")
     p.add_argument("--layers", required=True, help="layer spec to compare with full training: all, 7, 3,5, 2-5, -1, middle:k, top:k@FILE")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="weights and gradients dtype (default bf16)")
+    plan_dtypes = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+    p.add_argument("--dtype", default="bf16", choices=plan_dtypes,
+                   help="compute dtype, as train --dtype: activations and KV cache (default bf16)")
+    p.add_argument("--frozen-dtype", choices=plan_dtypes,
+                   help="storage dtype of frozen tensors, as train --frozen-dtype (default: --dtype)")
     p.add_argument("--batch-size", type=int, default=64, help="micro-batch: sequences per forward/backward pass (default 64)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence, prompt + completion (default 1024)")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds a reference copy of the trainable tensors")
     p.add_argument("--adam-states", default="fp32", choices=("fp32", "weights"),
-                   help="fp32: mixed precision (fp32 moments + fp32 master copy; default); weights: moments at the "
-                        "weights dtype, no master (what onelayer train --dtype bfloat16 does)")
+                   help="fp32 (default; what onelayer train does): trainable weights, gradients and AdamW moments "
+                        "fp32, 16 bytes per trainable parameter, no separate master copy; weights: for comparison, "
+                        "AdamW run directly on --dtype weights (trainable weights, gradients and moments at --dtype, "
+                        "no fp32 anywhere) - loses small updates; not what onelayer trains with")
     p.add_argument("--train-embeddings", action="store_true", help="as in train: also train the input embeddings")
     p.add_argument("--train-lm-head", action="store_true", help="as in train: also train the LM head")
     p.add_argument("--block-path", help="dotted path of the decoder blocks' ModuleList, if discovery fails")

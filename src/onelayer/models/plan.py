@@ -1,7 +1,7 @@
 """Training-memory planner: what full-parameter RL and RL of a layer set cost, from the config alone.
 
 The model is built from its config under ``torch.device("meta")``: every parameter has a shape and
-no storage, so an 8B model plans in about a second with no weights on disk and no memory used. The
+no storage, so even an 8B model plans with no weights on disk and no memory used. The
 layer spec is applied with `select_layers`, exactly as the trainer applies it (``all`` is
 full-parameter training including embeddings, final norm and head; any other spec trains blocks
 only, plus the embeddings / LM head when asked), so the planner and the trainer cannot disagree
@@ -13,17 +13,26 @@ a built-in tiny model (``tiny-qwen3`` …), a ``config.json`` file, or a directo
 shipped files are the published Hugging Face ``config.json`` of ``Qwen/Qwen3-*`` and
 ``Qwen/Qwen2.5-*`` (base), in ``onelayer/models/configs/``.
 
-Per entry (``full`` and ``selected``), with P = all parameters, N = trainable parameters, w = bytes
-per weight (bf16/fp16 2, fp32 4)::
+The layout is the trainer's (``onelayer/train/precision.py``): ``--dtype`` is the compute dtype the
+forwards run at (under autocast when it is bf16/fp16), trainable tensors and their AdamW moments are
+fp32 whatever it is, and frozen tensors are stored at ``--frozen-dtype`` (default: the compute dtype).
+Per entry (``full`` and ``selected``), with P = all parameters, N = trainable parameters, t = bytes per
+trainable weight (4: fp32), f = bytes per frozen weight and w = bytes at the compute dtype (bf16/fp16
+2, fp32 4)::
 
-    param_bytes      = P · w                    every weight is resident, frozen or not
-    grad_bytes       = N · w                    gradients only for trainable tensors, at the weights dtype
-    optimizer_bytes  = N · 8  (+ N · 4)         AdamW exp_avg + exp_avg_sq in fp32; plus fp32 master
-                                                weights when the weights are not fp32 (mixed precision)
-    reference_bytes  = N · w  if beta > 0       the KL reference is a copy of the trainable tensors only
+    param_bytes      = N · t + (P − N) · f      every weight is resident, frozen or not
+    grad_bytes       = N · t                    gradients only for trainable tensors, at their dtype
+    optimizer_bytes  = N · 2t                   AdamW exp_avg + exp_avg_sq at the trainable dtype; no
+                                                master copy (the fp32 trainable weights are that copy)
+    reference_bytes  = N · t  if beta > 0       the KL reference is a copy of the trainable tensors only
     activation_bytes = B·T · (L − l0) · a_block · w  +  B·T · V · 4
     total_bytes      = param + grad + optimizer + reference + activation
     kv_cache_bytes   = 2 · L · B · T · n_kv · d_head · w    (rollout; reported, not in the total)
+
+So weights + gradients + optimizer are 16 bytes per trainable parameter and f per frozen one.
+``adam_states="weights"`` plans the other common layout for comparison: AdamW run directly on weights
+stored at the compute dtype (t = w, no fp32 anywhere), which loses small updates and is not what
+``onelayer train`` does.
 
 Activations: B = micro-batch sequences, T = tokens per sequence, L = blocks, V = vocabulary,
 l0 = the lowest block that has a trainable parameter (0 when the input embeddings train). Nothing
@@ -42,7 +51,8 @@ SDPA/flash attention (no T×T score matrix stored), in elements::
 with h = hidden size, q = heads·d_head, kv = kv_heads·d_head, i = MLP intermediate size. The head
 term keeps the logits in fp32 (4 bytes) for the log-softmax backward, as the trainer computes
 them. Not counted: framework workspace, allocator fragmentation, temporaries of the backward pass,
-gradient checkpointing (which would shrink the activation term), and the rollout itself.
+gradient checkpointing (which would shrink the activation term), autocast's compute-dtype copies of
+the fp32 trainable weights that matmuls keep for the backward (up to N · w), and the rollout itself.
 """
 
 from __future__ import annotations
@@ -60,8 +70,8 @@ from onelayer.models.tiny import TINY_SHAPES, char_tokenizer, tiny_config
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
-MASTER_WEIGHT_BYTES = 4  # fp32 copy of each trainable weight under mixed precision
+TRAINABLE_DTYPE = "fp32"  # onelayer train keeps trainable tensors, and so AdamW's moments, in fp32
+ADAM_MOMENTS = 2  # exp_avg + exp_avg_sq, each at the trainable tensors' dtype
 LOGIT_BYTES = 4  # fp32 logits for the log-softmax backward
 GIB = 2**30
 
@@ -197,7 +207,7 @@ def _normalize_dtype(dtype: str) -> str:
     return key
 
 
-def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: int, opt_per_param: int,
+def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: int, t: int, f: int,
            tokens: int, beta: float, block_path: str | None) -> dict:
     total, trainable = selection.total_params, selection.trainable_params  # a tied tensor counts once
     lowest = lowest_trainable_block(model, block_path)
@@ -213,11 +223,11 @@ def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: 
         "lowest_trainable_block": lowest,
         "total_params": total,
         "trainable_params": trainable,
-        "param_bytes": total * w,
-        "grad_bytes": trainable * w,
-        "optimizer_bytes": trainable * opt_per_param,
+        "param_bytes": trainable * t + (total - trainable) * f,
+        "grad_bytes": trainable * t,
+        "optimizer_bytes": trainable * ADAM_MOMENTS * t,
         "activation_bytes": activation,
-        "reference_bytes": trainable * w if beta > 0 else 0,
+        "reference_bytes": trainable * t if beta > 0 else 0,
         "kv_cache_bytes": 2 * num_layers * tokens * shape["kv_heads"] * shape["head_dim"] * w,
     }
     entry["total_bytes"] = sum(entry[k] for k in
@@ -225,11 +235,26 @@ def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: 
     return entry
 
 
+def _layout(dtype: str, frozen_dtype: str | None, adam_states: str) -> tuple[str, str, str]:
+    """(compute, trainable, frozen) dtypes, checked as onelayer train checks --dtype / --frozen-dtype."""
+    from onelayer.config import ConfigError
+
+    dtype = _normalize_dtype(dtype)
+    frozen = _normalize_dtype(frozen_dtype) if frozen_dtype is not None else dtype
+    if adam_states not in ("fp32", "weights"):
+        raise ValueError(f"adam_states must be fp32 or weights (got {adam_states!r})")
+    if dtype == "fp32" and frozen != "fp32":
+        raise ConfigError(f"frozen dtype {frozen} with compute dtype fp32: a half-precision frozen dtype needs "
+                          "a half-precision compute dtype, as in onelayer train")
+    return dtype, TRAINABLE_DTYPE if adam_states == "fp32" else dtype, frozen
+
+
 def plan_memory(
     model_config: str,
     layers: str,
     *,
     dtype: str = "bf16",
+    frozen_dtype: str | None = None,
     batch_size: int = 64,
     seq_len: int = 1024,
     beta: float = 0.0,
@@ -240,9 +265,11 @@ def plan_memory(
 ) -> dict:
     """Memory of full-parameter training ("full") and of training `layers` ("selected"), in bytes.
 
-    `adam_states`: "fp32" (mixed precision: fp32 moments, plus an fp32 master copy when the weights are
-    not fp32) or "weights" (moments at the weights dtype, no master copy — `torch.optim.AdamW` on the
-    parameters as they are, which is what `onelayer train --dtype bfloat16` does).
+    `dtype` is the compute dtype (activations, KV cache); `frozen_dtype` (default: `dtype`) stores the
+    frozen tensors. `adam_states`: "fp32" (what onelayer train does: trainable weights, gradients and
+    AdamW moments in fp32) or "weights" (for comparison: AdamW run directly on weights at `dtype`, no
+    fp32 anywhere, which loses small updates). A half-precision `frozen_dtype` with an fp32 `dtype`
+    raises ConfigError, as the trainer's config check does.
 
     `batch_size` is the micro-batch: sequences per forward/backward pass, each `seq_len` tokens
     (prompt + completion). Raises ModelError for an unknown config and LayerSpecError (the trainer's
@@ -252,19 +279,12 @@ def plan_memory(
         raise ValueError(f"batch_size and seq_len must be positive (got {batch_size}, {seq_len})")
     if beta < 0:
         raise ValueError(f"beta must be >= 0 (got {beta})")
-    dtype = _normalize_dtype(dtype)
-    w = DTYPE_BYTES[dtype]
-    if adam_states not in ("fp32", "weights"):
-        raise ValueError(f"adam_states must be fp32 or weights (got {adam_states!r})")
-    if adam_states == "weights":
-        opt_per_param = 2 * w
-    else:
-        opt_per_param = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if dtype != "fp32" else 0)
+    dtype, trainable_dtype, frozen_dtype = _layout(dtype, frozen_dtype, adam_states)
+    w, t, f = DTYPE_BYTES[dtype], DTYPE_BYTES[trainable_dtype], DTYPE_BYTES[frozen_dtype]
     config, source = resolve_config(model_config)
     shape = block_shape(config)
     model = meta_model(config)
-    common = dict(shape=shape, w=w, opt_per_param=opt_per_param, tokens=batch_size * seq_len, beta=beta,
-                  block_path=block_path)
+    common = dict(shape=shape, w=w, t=t, f=f, tokens=batch_size * seq_len, beta=beta, block_path=block_path)
 
     # The trainer's call (train/loop.py): `all` also trains everything outside the blocks.
     full_sel = select_layers(model, "all", block_path=block_path, train_non_block=True)
@@ -274,10 +294,13 @@ def plan_memory(
     selected = _entry(model, sel, spec=layers, **common)
 
     a_block = activation_elements_per_token_per_block(shape)
-    master = " + fp32 master weights (4 bytes)" if dtype != "fp32" else " (weights already fp32: no master copy)"
-    optimizer = (f"AdamW: exp_avg + exp_avg_sq in fp32 (8 bytes per trainable parameter){master}"
-                 if adam_states == "fp32" else
-                 f"AdamW: exp_avg + exp_avg_sq at {dtype} ({2 * w} bytes per trainable parameter), no master copy")
+    if adam_states == "fp32":
+        optimizer = (f"AdamW: exp_avg + exp_avg_sq in fp32 ({ADAM_MOMENTS * t} bytes per trainable parameter); "
+                     "no separate master copy: the trainable weights are already fp32 (what onelayer train does)")
+    else:
+        optimizer = (f"AdamW run directly on {dtype} weights: exp_avg + exp_avg_sq at {dtype} "
+                     f"({ADAM_MOMENTS * t} bytes per trainable parameter), no master copy"
+                     + ("; loses small updates, not what onelayer trains with" if dtype != "fp32" else ""))
     return {
         "model_config": str(model_config),
         "config_source": source,
@@ -287,6 +310,8 @@ def plan_memory(
         "block_path": sel.block_path,
         "non_embedding_params": non_embedding_params(model),
         "dtype": dtype,
+        "trainable_dtype": trainable_dtype,
+        "frozen_dtype": frozen_dtype,
         "adam_states": adam_states,
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -295,19 +320,25 @@ def plan_memory(
         "selected": selected,
         "total_ratio": selected["total_bytes"] / full["total_bytes"] if full["total_bytes"] else None,
         "assumptions": {
-            "weights": f"every parameter resident at {dtype} ({w} bytes); gradients at {dtype} for trainable "
-                       "parameters only; a tied embedding/head tensor counts once",
+            "weights": f"trainable parameters at {trainable_dtype} ({t} bytes), frozen parameters at "
+                       f"{frozen_dtype} ({f} bytes); a tied embedding/head tensor counts once",
+            "gradients": f"trainable parameters only, at {trainable_dtype} ({t} bytes); frozen ones have none",
             "optimizer": optimizer,
-            "optimizer_bytes_per_trainable_param": opt_per_param,
+            "optimizer_bytes_per_trainable_param": ADAM_MOMENTS * t,
+            "state_bytes_per_trainable_param": (2 + ADAM_MOMENTS) * t,  # weight + gradient + moments
+            "state_bytes_per_frozen_param": f,
             "activations": f"micro-batch {batch_size} x {seq_len} tokens; blocks from the lowest trainable one "
-                           f"upward save a_block = 4h + 3q + 3kv + 4i = {a_block} elements per token at {dtype} "
-                           "(Llama/Qwen-style block, SDPA/flash attention, no checkpointing); plus fp32 logits "
-                           "(batch x seq_len x vocab x 4 bytes) when anything trains",
+                           f"upward save a_block = 4h + 3q + 3kv + 4i = {a_block} elements per token at the "
+                           f"compute dtype {dtype} (Llama/Qwen-style block, SDPA/flash attention, no "
+                           "checkpointing); plus fp32 logits (batch x seq_len x vocab x 4 bytes) when anything trains",
             "activation_bytes_per_token_per_block": a_block * w,
-            "reference": "beta > 0: one copy of the trainable tensors at the weights dtype (copy_trainable)",
-            "kv_cache": "rollout KV cache for the same batch x seq_len at the weights dtype; reported, not in "
-                        "total_bytes (rollout and backward do not overlap)",
-            "not_counted": "CUDA context, allocator fragmentation, backward temporaries, rollout logits",
+            "reference": f"beta > 0: one copy of the trainable tensors at {trainable_dtype} (copy_trainable)",
+            "kv_cache": f"rollout KV cache for the same batch x seq_len at the compute dtype {dtype}; reported, "
+                        "not in total_bytes (rollout and backward do not overlap)",
+            "not_counted": "CUDA context, allocator fragmentation, backward temporaries, "
+                           + (f"autocast's {dtype} copies of the {trainable_dtype} trainable weights that matmuls "
+                              f"keep for the backward (up to {w} bytes per trainable parameter), " if t != w else "")
+                           + "rollout logits",
         },
     }
 
@@ -334,13 +365,16 @@ def format_plan(plan: dict) -> str:
     """A compact table: one row per memory term, GiB with two decimals, full vs selected."""
     full, sel = plan["full"], plan["selected"]
     n = plan["num_layers"]
-    master = " + fp32 master" if plan["dtype"] != "fp32" else ""
-    states = f"AdamW fp32 states{master}" if plan["adam_states"] == "fp32" else f"AdamW {plan['dtype']} states"
+    per_param = plan["assumptions"]["state_bytes_per_trainable_param"]
+    states = (f"trainable weights + gradients + AdamW states {plan['trainable_dtype']} ({per_param} B/param), "
+              f"frozen {plan['frozen_dtype']}")
+    if plan["trainable_dtype"] != TRAINABLE_DTYPE:
+        states += " (AdamW on the weights as stored: loses small updates; not what onelayer trains with)"
     lines = [
         f"{plan['model_config']}: {plan['architecture']}, {n} blocks, {_count(full['total_params'])} parameters "
         f"({_count(plan['non_embedding_params'])} non-embedding)",
-        f"weights {plan['dtype']}, {states}, micro-batch {plan['batch_size']} x {plan['seq_len']} "
-        f"tokens, beta {plan['beta']:g}",
+        f"compute {plan['dtype']}; {states}",
+        f"micro-batch {plan['batch_size']} x {plan['seq_len']} tokens, beta {plan['beta']:g}",
         "",
         f"{'':<22}{'full (all)':>14}{'selected':>14}",
         f"{'layers':<22}{'all':>14}{sel['layers']:>14}",
