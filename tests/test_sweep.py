@@ -129,3 +129,17 @@ def test_failed_job_is_resumed_and_retry_failed_restarts_it(warm, tmp_path):
     assert main(sweep_args(out, "--set", "max_steps=4", "--retry-failed")) == 0
     assert json.loads((job / "status.json").read_text())["status"] == "done"
     assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+def test_single_layer_list_and_the_extreme_seeds_pass():
+    from onelayer.sweep.plan import extreme_jobs
+
+    spec = make_spec({"single_layers": "0,-1,3", "extreme_seeds": [1, 2]})
+    assert [j.layers for j in plan(spec)] == ["none", "all", "0", "3", "7"]
+    with pytest.raises(LayerSpecError, match="8 layers"):
+        plan(make_spec({"single_layers": [8]}))
+    rows = [{"condition": "tiny-qwen3/arith/grpo", "layer": str(l), "contribution": str(c)}
+            for l, c in ((0, 0.9), (3, -0.2), (7, 0.4))]
+    more = extreme_jobs(spec, rows)
+    assert [(j.layers, j.seed) for j in more] == [(l, s) for s in (1, 2) for l in ("all", "0", "3")]
+    assert extreme_jobs(make_spec({}), rows) == []
