@@ -141,3 +141,18 @@ def test_user_errors_are_one_line_exit_2(tmp_path, case):
     if case == "missing_wheel":
         r2 = _cli("eval", "--model", str(bad), "--out", str(tmp_path / "e2.json"))
         assert r2.returncode == 2 and "not a GGUF file" in r2.stderr
+
+
+def test_agent_turns_use_the_chat_template(smollm):
+    from onelayer import tasks
+    from onelayer.tasks.prompts import PromptFormat, default_format, formatted
+
+    _, tok = smollm
+    grid = tasks.make("grid")
+    assert default_format("smollm2-135m", tok, grid) == "chat"
+    t = formatted(grid, tok, PromptFormat("chat"))
+    env = t.make_env()
+    obs, info = env.reset(0)
+    turn = t.prompt([], obs, info["admissible"])
+    assert turn.startswith("<|im_start|>") and grid.prompt([], obs, info["admissible"]) in turn
+    assert turn.endswith("<|im_start|>assistant\n") and t.is_agent
