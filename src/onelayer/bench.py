@@ -1,11 +1,17 @@
 """`onelayer bench`: onelayer's RL step against TRL's `GRPOTrainer` on identical settings, and a FLOP floor.
 
 For each model (default: the built-in tiny Qwen3, hidden 128 x 8 blocks, and `tiny-qwen3-large`, hidden
-256 x 12) and each trainable set (all parameters; the single middle block), both tools train the *same*
-randomly initialised weights (saved once to a temporary directory) for `warmup + steps` RL steps:
-16 prompts x G=4 completions of at most 24 new tokens, temperature 1, top-p 1, the same learning rate,
-beta 0, one update pass over the whole batch, GRPO loss and group-scaled advantages. The reward (share of
-digits in the completion) is the same function in both, so advantages are not all zero.
+256 x 12; also the built-in real model `smollm2-135m`, hidden 576 x 30) and each trainable set (all
+parameters; the single middle block), both tools train the *same* weights for `warmup + steps` RL steps:
+a tiny model's random initialisation (saved once to a temporary directory), a real model's cached
+pretrained directory (never warm-started). Per-model settings live in `MODEL_SETTINGS` (the rest are
+`BenchSpec`'s defaults): the tiny models get 16 prompts x G=4 completions of at most 24 new tokens on
+their terse arith prompts, the real one 8 prompts x G=8 of at most 8 new tokens on few-shot arith
+prompts (level 8, sized for small pretrained models). Both tools draw their prompts from the same train
+split, rendered by the benchmark's task (onelayer then trains with `prompt_format raw`, so neither stops
+at a newline or cuts the completion); temperature 1, top-p 1, the same learning rate, beta 0, one update pass over the
+whole batch, GRPO loss and group-scaled advantages. The reward (share of digits in the completion) is
+the same function in both, so advantages are not all zero.
 
 Every (tool, model, layers) run is its own subprocess, so one run's allocator state, threads or peak
 memory cannot leak into the next. Runs alternate between the tools, and `rounds` repeats the whole set
@@ -15,14 +21,13 @@ update), TRL's from a callback around each optimizer step (generation, reward, l
 which leaves TRL's between-step logging out of its time. Peak memory is the worker's peak resident set on
 CPU (`ru_maxrss`: process-wide, so it includes the interpreter and libraries, the same for every run) or
 `torch.cuda.max_memory_allocated` on GPU; optimizer-state bytes are summed over the optimizer's state
-tensors.
+tensors. The report names the CPU (`/proc/cpuinfo`), since the rates depend on it.
 
 The floor is the step's matrix-multiply FLOPs (rollout with a KV cache, forward and backward of the
 update; see `step_flops`) divided by the rate this machine measures for a 64 x H x I matmul, the shape of
 one decode step's MLP — what a step would take with no overhead at all at that rate. Two rates are
-measured: torch's default `a @ b` and the linear onelayer's lean path uses (oneDNN on CPU, about twice
-MKL's rate on AMD EPYC); the floor takes the faster, so onelayer is not measured against a floor its own
-kernels beat.
+measured: torch's default `a @ b` and the linear onelayer's lean path uses (oneDNN on CPU where
+available); the floor takes the faster, so onelayer is not measured against a floor its own kernels beat.
 """
 
 from __future__ import annotations
@@ -56,10 +61,36 @@ class BenchSpec:
     num_generations: int = 4
     max_new_tokens: int = 24
     learning_rate: float = 1e-4
+    difficulty: int = 2  # arith level of the prompts (onelayer.tasks.arith)
+    prompt_format: str = "raw"  # raw or fewshot (onelayer.tasks.prompts), rendered into the prompt text
     steps: int = 6
     warmup: int = 2
     threads: int | None = None
     seed: int = 0
+
+
+# where a model's settings differ from BenchSpec's defaults (which suit the character-level tiny models)
+MODEL_SETTINGS: dict[str, dict] = {
+    "smollm2-135m": dict(prompts=8, num_generations=8, max_new_tokens=8, learning_rate=1e-5, difficulty=8,
+                         prompt_format="fewshot"),
+}
+PER_MODEL_KEYS = ("prompts", "num_generations", "max_new_tokens", "learning_rate", "difficulty", "prompt_format")
+
+
+def bench_spec(model: str, **run) -> BenchSpec:
+    """The settings both tools use for `model`; `run` sets the run-wide ones (steps, warmup, threads)."""
+    return BenchSpec(model=model, **MODEL_SETTINGS.get(model, {}), **run)
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- the reward
@@ -76,12 +107,23 @@ def trl_digit_reward(prompts, completions, **_columns) -> list[float]:
 
 
 def _register_bench_task() -> None:
-    """The arith prompts, scored by `digit_share`; a private task name only the benchmark uses."""
+    """Arith prompts already rendered in a prompt format (raw or fewshot), scored by `digit_share`; a private
+    task name only the benchmark uses. Rendering them here gives both tools the same prompt text with no
+    stop string."""
     from onelayer import tasks
     from onelayer.tasks.arith import ArithTask
+    from onelayer.tasks.prompts import PromptFormat, formatted
 
     class DigitShareTask(ArithTask):
         name = "_bench_digits"
+
+        def __init__(self, prompt_format: str = "raw", **opts):
+            super().__init__(**opts)
+            self._rendered = formatted(ArithTask(**opts), None, PromptFormat(prompt_format))  # no tokenizer: no chat
+            self.options = {**self.options, "prompt_format": prompt_format}
+
+        def items(self, split):
+            return self._rendered.items(split)
 
         def score(self, item, completion):
             return digit_share(completion)
@@ -91,6 +133,18 @@ def _register_bench_task() -> None:
 
     if "_bench_digits" not in tasks.registered():
         tasks.register("_bench_digits", DigitShareTask)
+
+
+def bench_task(spec: BenchSpec):
+    """The benchmark's task for `spec`: the same options in both tools and in the FLOP count."""
+    from onelayer import tasks
+
+    _register_bench_task()
+    return tasks.make("_bench_digits", **_task_options(spec))
+
+
+def _task_options(spec: BenchSpec) -> dict:
+    return {"difficulty": spec.difficulty, "prompt_format": spec.prompt_format, "seed": spec.seed}
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -181,12 +235,14 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     from onelayer.train.loop import run
 
     _register_bench_task()
+    # prompt_format raw: the task's prompts are already rendered in spec.prompt_format (see bench_task)
     cfg = TrainConfig(
-        model=model_dir, task="_bench_digits", task_opts={"n_eval": spec.prompts}, layers=spec.layers,
-        warm_start=False, prompts_per_step=spec.prompts, num_generations=spec.num_generations,
-        max_completion_length=spec.max_new_tokens, learning_rate=spec.learning_rate, beta=0.0, num_iterations=1,
-        temperature=1.0, top_p=1.0, max_steps=spec.warmup + spec.steps, save_every=10**9, save_model=False,
-        progress=False, threads=spec.threads, seed=spec.seed, device=device,
+        model=model_dir, task="_bench_digits", task_opts={**_task_options(spec), "n_eval": spec.prompts},
+        prompt_format="raw", layers=spec.layers, warm_start=False, prompts_per_step=spec.prompts,
+        num_generations=spec.num_generations, max_completion_length=spec.max_new_tokens,
+        learning_rate=spec.learning_rate, beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0,
+        max_steps=spec.warmup + spec.steps, save_every=10**9, save_model=False, progress=False,
+        threads=spec.threads, seed=spec.seed, device=device,
     )
     with tempfile.TemporaryDirectory() as out:
         record = run(cfg, out, log=lambda *_: None)
@@ -209,7 +265,6 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as e:
         raise BenchError(f"TRL is needed for the comparison ({e}); install it with pip install 'onelayer[bench]'") from None
-    from onelayer import tasks
     from onelayer.models.layers import select_layers
     from onelayer.train.loop import optimizer_state_bytes
 
@@ -220,7 +275,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     # the same selection rule as onelayer: `all` trains everything, a block spec only those blocks
     sel = select_layers(model, spec.layers, train_non_block=spec.layers == "all")
     n_steps = spec.warmup + spec.steps
-    items = tasks.make("arith", n_train=spec.prompts * n_steps, n_eval=1, seed=spec.seed).items("train")
+    items = bench_task(spec).items("train")[: spec.prompts * n_steps]  # in order: TRL does not shuffle here
     data = Dataset.from_list([{"prompt": it["prompt"]} for it in items])
 
     times: list[float] = []
@@ -318,39 +373,57 @@ def _pool(runs: dict, key: str, new: dict) -> None:
     old["peak_memory_bytes"] = max(old["peak_memory_bytes"], new["peak_memory_bytes"])
 
 
+def _model_dir(model: str, tmp: str, log) -> str:
+    """The directory both tools load `model` from: a real model's cached one, or a tiny model's random
+    initialisation saved into `tmp`."""
+    from onelayer.models import BUILTIN_MODELS, build_tiny, resolve_real
+
+    if model not in BUILTIN_MODELS:
+        return resolve_real(model, log=log)
+    built, tok = build_tiny(model, seed=0)
+    built.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return tmp
+
+
 def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, device: str, with_trl: bool,
                 rounds: int = 2, log=print) -> dict:
     """Both layer sets of one model, both tools; returns the medians, ratios and floors."""
-    from onelayer.models import build_tiny
-    from onelayer.models.layers import middle_layers
-    from onelayer import tasks
+    with tempfile.TemporaryDirectory(prefix="onelayer-bench-") as tmp:
+        return _bench_model(model, _model_dir(model, tmp, log), steps=steps, warmup=warmup, threads=threads,
+                            device=device, with_trl=with_trl, rounds=rounds, log=log)
 
-    base = BenchSpec(model=model, steps=steps, warmup=warmup, threads=threads)
-    built, tok = build_tiny(model, seed=0)
-    mid = middle_layers(1, built.config.num_hidden_layers)[0]
-    prompts = [it["prompt"] for it in tasks.make("arith", n_eval=1).items("train")[:base.prompts]]
+
+def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads: int | None, device: str,
+                 with_trl: bool, rounds: int, log) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from onelayer.models.layers import middle_layers
+
+    base = bench_spec(model, steps=steps, warmup=warmup, threads=threads)
+    config, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    mid = middle_layers(1, config.num_hidden_layers)[0]
+    prompts = [it["prompt"] for it in bench_task(base).items("train")[:base.prompts]]
     prompt_lens = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
-    s = _shape(built.config)
+    s = _shape(config)
     if threads:
         torch.set_num_threads(threads)
     rows = base.prompts * base.num_generations  # the decode matmuls' row count
     rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "lean")}
     rate = max(rates.values())  # the floor uses the fastest matmul this machine offers
-    result: dict = {"model": model, "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
+    result: dict = {"model": model, "settings": {k: getattr(base, k) for k in PER_MODEL_KEYS},
+                    "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
                     "matmul_shape": [rows, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
                     "lean_matmul_gflops": round(rates["lean"], 1), "floor_gflops": round(rate, 1), "runs": {}}
     tools = ("onelayer", "trl") if with_trl else ("onelayer",)
     order = [(layers, tool) for layers in LAYER_SETS for tool in tools]
-    with tempfile.TemporaryDirectory(prefix="onelayer-bench-") as model_dir:
-        built.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        # rounds alternate the order of the runs, so slow drift of the machine's speed hits every run alike;
-        # step times of all rounds are pooled per run
-        for r in range(rounds):
-            for layers, tool in (order if r % 2 == 0 else order[::-1]):
-                spec = replace(base, layers=layers)
-                log(f"  {model} layers={layers}: {tool} (round {r + 1}/{rounds}: {warmup} warm-up + {steps} timed steps)")
-                _pool(result["runs"], f"{tool}/{layers}", _run_worker(tool, spec, model_dir, device))
+    # rounds alternate the order of the runs, so slow drift of the machine's speed hits every run alike;
+    # step times of all rounds are pooled per run
+    for r in range(rounds):
+        for layers, tool in (order if r % 2 == 0 else order[::-1]):
+            spec = replace(base, layers=layers)
+            log(f"  {model} layers={layers}: {tool} (round {r + 1}/{rounds}: {warmup} warm-up + {steps} timed steps)")
+            _pool(result["runs"], f"{tool}/{layers}", _run_worker(tool, spec, model_dir, device))
 
     runs = result["runs"]
     for r in runs.values():  # per-step completion lengths -> their mean over all rounds
@@ -358,7 +431,7 @@ def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, dev
     med = {k: _median(r["step_s"]) for k, r in runs.items()}
     phases = {k: {p: _median(v) for p, v in r["phases_s"].items()} for k, r in runs.items()}
     flops = {
-        layers: step_flops(built.config, prompt_lens=prompt_lens, num_generations=base.num_generations,
+        layers: step_flops(config, prompt_lens=prompt_lens, num_generations=base.num_generations,
                            new_tokens=base.max_new_tokens,
                            lowest_trainable=0 if layers == "all" else mid,
                            trainable_blocks=s["L"] if layers == "all" else 1, train_head=layers == "all")
@@ -392,15 +465,14 @@ def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, dev
 def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads: int | None = None,
               device: str = "cpu", with_trl: bool = True, rounds: int = 2, log=print) -> dict:
     """The whole benchmark. Top-level keys of the result: the first model's ratios (`full_vs_trl`,
-    `layer_vs_trl`, `layer_update_vs_full_update`, `full_vs_floor`, …), `settings`, and `models` (per model)."""
+    `layer_vs_trl`, `layer_update_vs_full_update`, `full_vs_floor`, …), `cpu`, `settings` (run-wide) and
+    `models` (per model, each with its own `settings`: prompts, G, new tokens, learning rate, prompts' kind)."""
     if steps < 5:
         raise BenchError(f"--steps {steps}: medians need at least 5 timed steps")
     if with_trl and not trl_available():
         raise BenchError("TRL is not installed; pip install 'onelayer[bench]' (or pass --no-trl to time onelayer alone)")
-    spec = BenchSpec()
-    settings = {"prompts": spec.prompts, "num_generations": spec.num_generations, "max_new_tokens": spec.max_new_tokens,
-                "learning_rate": spec.learning_rate, "beta": 0.0, "num_iterations": 1, "steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads or torch.get_num_threads(),
-                "device": device, "torch": torch.__version__}
+    settings = {"beta": 0.0, "num_iterations": 1, "steps": steps, "warmup": warmup, "rounds": rounds,
+                "threads": threads or torch.get_num_threads(), "device": device, "torch": torch.__version__}
     if with_trl:
         import trl
 
@@ -410,15 +482,17 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
         log(f"benchmarking {m}")
         per_model[m] = bench_model(m, steps=steps, warmup=warmup, threads=threads, device=device, with_trl=with_trl,
                                    rounds=rounds, log=log)
-    return {**per_model[models[0]]["summary"], "settings": settings, "models": per_model}
+    return {**per_model[models[0]]["summary"], "cpu": cpu_model(), "settings": settings, "models": per_model}
 
 
 def format_report(result: dict) -> str:
-    """A short text table per model."""
-    lines = []
+    """The CPU, then a short text table per model."""
+    lines = [f"cpu: {result['cpu']}"]
     for name, m in result["models"].items():
-        s = m["summary"]
+        s, c = m["summary"], m["settings"]
         lines.append(f"{name} (hidden {m['shape']['H']} x {m['shape']['L']} blocks; middle block {m['middle_block']}; "
+                     f"{c['prompts']} prompts x G={c['num_generations']}, <= {c['max_new_tokens']} new tokens, "
+                     f"{c['prompt_format']} arith level {c['difficulty']}; "
                      f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, lean {m['lean_matmul_gflops']} GFLOP/s)")
         for layers, key in (("all", "full"), ("middle:1", "layer")):
             ph = s[f"onelayer_{key}_phases_s"]

@@ -162,12 +162,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from onelayer.bench import format_report, run_bench
     from onelayer.io import atomic_write_json
-    from onelayer.models import BUILTIN_MODELS
+    from onelayer.models import BUILTIN_MODELS, known_models
+    from onelayer.models.real import REAL_MODELS
 
     models = tuple(_csv_list(args.models))
     for m in models:
-        if m not in BUILTIN_MODELS:
-            raise ConfigError(f"--models: {m!r} is not a built-in tiny model; choose from {', '.join(BUILTIN_MODELS)}")
+        if m not in BUILTIN_MODELS and m not in REAL_MODELS:
+            raise ConfigError(f"--models: {m!r} is not a built-in tiny model or a built-in real model; choose from "
+                              f"{known_models()}")
     if args.warmup < 1:
         raise ConfigError(f"--warmup {args.warmup}: at least one warm-up step")
     if args.rounds < 1:
