@@ -48,8 +48,17 @@ def test_format_errors_and_defaults():
         PromptFormat("poem")
     assert formatted(task, tok, PromptFormat("raw")) is task
     assert default_format("tiny-qwen3", tok, task) == "raw"
-    assert default_format("smollm2-135m", tok, task) == "fewshot"
-    assert default_format("some/hub-model", tok, tasks.make("grid")) == "raw"  # no chat template
+    assert default_format("runs/x/model", tok, task) == "raw"  # a character-level model saved to a directory
+
+
+def test_a_trained_model_keeps_its_format(tmp_path):
+    import json
+
+    from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
+
+    _, tok = build_tiny("tiny-qwen3")
+    (tmp_path / TRAINED_FORMAT_FILE).write_text(json.dumps({"prompt_format": "fewshot"}))
+    assert default_format(str(tmp_path), tok, tasks.make("arith")) == "fewshot"
 
 
 def test_stop_tokens_end_rows_and_spread_stop_strings_are_cut_with_their_logprobs():

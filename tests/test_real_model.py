@@ -150,6 +150,8 @@ def test_agent_turns_use_the_chat_template(smollm):
     _, tok = smollm
     grid = tasks.make("grid")
     assert default_format("smollm2-135m", tok, grid) == "chat"
+    assert default_format("smollm2-135m", tok, tasks.make("arith")) == "fewshot"
+    assert default_format("some/other-bpe-model", tok, tasks.make("arith")) == "fewshot"
     t = formatted(grid, tok, PromptFormat("chat"))
     env = t.make_env()
     obs, info = env.reset(0)

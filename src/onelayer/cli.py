@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the plan (full, selected, assumptions) to this JSON file")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("bench", help="time onelayer's RL step (full and single middle layer) against TRL's GRPOTrainer")
-    p.add_argument("--models", default="tiny-qwen3,tiny-qwen3-large", help="comma-separated built-in tiny models")
+    p.add_argument("--models", default="tiny-qwen3,tiny-qwen3-large",
+                   help="comma-separated built-in models: tiny (tiny-qwen3, tiny-qwen3-large, tiny-qwen2) or real (smollm2-135m)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per run (medians; at least 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=2, help="repeat every run this often, in alternating order (pooled)")

@@ -151,14 +151,27 @@ class FormattedTask:
         return self.task.score_batch(items, [self.answer(c) for c in completions])
 
 
+TRAINED_FORMAT_FILE = "onelayer_prompt.json"  # written beside a trained model: the format it was trained with
+CHAR_VOCAB_MAX = 1000  # a vocabulary this small is character-level (the built-ins and models trained from them)
+
+
 def default_format(model_name: str, tok, task) -> str:
-    """raw for the character-level built-ins. Otherwise, single-turn tasks take the format measured best on
-    the built-in real model (few-shot: README), which also suits base models without a chat template;
-    agent tasks take the chat template when the model has one."""
-    from onelayer.models import BUILTIN_MODELS
+    """The prompt format a model gets when none is asked for.
+
+    A model trained by onelayer keeps the format it was trained with (``onelayer_prompt.json`` in its
+    directory). Character-level models (the built-ins) get raw. Otherwise, single-turn tasks take the
+    format measured best on the built-in real model (few-shot: README), which also suits base models
+    without a chat template, and agent tasks take the chat template when the model has one.
+    """
+    import json
+    from pathlib import Path
+
     from onelayer.models.real import REAL_MODELS
 
-    if model_name in BUILTIN_MODELS:
+    saved = Path(str(model_name)).expanduser() / TRAINED_FORMAT_FILE
+    if saved.is_file():
+        return json.loads(saved.read_text())["prompt_format"]
+    if len(tok) <= CHAR_VOCAB_MAX:
         return "raw"
     if getattr(task, "is_agent", False):
         return "chat" if getattr(tok, "chat_template", None) else "raw"

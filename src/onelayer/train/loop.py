@@ -33,6 +33,7 @@ from onelayer.rollout.lean import forward_path
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
+from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
 from onelayer.train.precision import Precision
 from onelayer.train.setup import (
     check_backend, format_task, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
@@ -229,6 +230,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         tmp = out / ".model.tmp"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        atomic_write_json(tmp / TRAINED_FORMAT_FILE, {"prompt_format": cfg.prompt_format})  # eval's default
         replace_dir(tmp, out / "model")
     atomic_write_json(out / "eval.json", record)
     _set_status(out, "done")
