@@ -71,6 +71,7 @@ def test_each_prompt_format_evaluates(smollm):
             assert items[0]["prompt"].startswith("<|im_start|>") and "What is" in items[0]["prompt"]
 
 
+@pytest.mark.slow
 def test_two_step_single_layer_run(tmp_path):
     out = tmp_path / "run"
     r = _cli("train", "--model", "smollm2-135m", "--task", "arith", "--task-opt", "difficulty=8",
