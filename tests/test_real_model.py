@@ -76,7 +76,7 @@ def test_two_step_single_layer_run(tmp_path):
     out = tmp_path / "run"
     r = _cli("train", "--model", "smollm2-135m", "--task", "arith", "--task-opt", "difficulty=8",
              "--task-opt", "n_eval=16", "--layers", "15", "--max-steps", "2", "--prompts-per-step", "4",
-             "--num-generations", "4", "--learning-rate", "1e-5", "--no-save-model", "--no-progress",
+             "--num-generations", "4", "--learning-rate", "1e-5", "--prompt-format", "fewshot", "--no-progress",
              "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads((out / "eval.json").read_text())
@@ -88,6 +88,11 @@ def test_two_step_single_layer_run(tmp_path):
 
     state = load_file(out / "checkpoint" / "trainable.safetensors")  # the trainable block, float32
     assert state and all(k.startswith("model.layers.15.") and t.dtype == torch.float32 for k, t in state.items())
+    # the saved model keeps its prompt format: eval scores it the way it was trained
+    r = _cli("eval", "--model", str(out / "model"), "--task", "arith", "--task-opt", "difficulty=8",
+             "--task-opt", "n_eval=16", "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "e.json").read_text())["prompt_format"] == "fewshot"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # few-shot rollouts stop at the newline: answers are a few digits plus "\n", far below the budget
     assert len(metrics) == 2 and all(m["completion_len"] <= 5 for m in metrics)
@@ -151,8 +156,11 @@ def test_agent_turns_use_the_chat_template(smollm):
     _, tok = smollm
     grid = tasks.make("grid")
     assert default_format("smollm2-135m", tok, grid) == "chat"
-    assert default_format("smollm2-135m", tok, tasks.make("arith")) == "fewshot"
-    assert default_format("some/other-bpe-model", tok, tasks.make("arith")) == "fewshot"
+    assert default_format("smollm2-135m", tok, tasks.make("arith")) == "chat"
+    assert default_format("some/other-bpe-model", tok, tasks.make("arith")) == "chat"
+    no_template = type("Tok", (), {"chat_template": None, "__len__": lambda self: 49152})()
+    assert default_format("some/base-model", no_template, tasks.make("arith")) == "fewshot"
+    assert default_format("some/base-model", no_template, grid) == "raw"
     t = formatted(grid, tok, PromptFormat("chat"))
     env = t.make_env()
     obs, info = env.reset(0)

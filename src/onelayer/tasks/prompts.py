@@ -159,9 +159,10 @@ def default_format(model_name: str, tok, task) -> str:
     """The prompt format a model gets when none is asked for.
 
     A model trained by onelayer keeps the format it was trained with (``onelayer_prompt.json`` in its
-    directory). Character-level models (the built-ins) get raw. Otherwise, single-turn tasks take the
-    format measured best on the built-in real model (few-shot: README), which also suits base models
-    without a chat template, and agent tasks take the chat template when the model has one.
+    directory). Character-level models (the built-ins) get raw. A built-in real model gets the format
+    measured best on it (README). Any other model gets its chat template when it has one (chat was best
+    on most arith levels for the built-in real model), else few-shot prompts (base models); agent tasks
+    use raw turn prompts on a model without a chat template.
     """
     import json
     from pathlib import Path
@@ -173,11 +174,11 @@ def default_format(model_name: str, tok, task) -> str:
         return json.loads(saved.read_text())["prompt_format"]
     if len(tok) <= CHAR_VOCAB_MAX:
         return "raw"
-    if getattr(task, "is_agent", False):
-        return "chat" if getattr(tok, "chat_template", None) else "raw"
-    if model_name in REAL_MODELS:
+    if model_name in REAL_MODELS and not getattr(task, "is_agent", False):
         return REAL_MODELS[model_name].prompt_format
-    return "fewshot"
+    if getattr(tok, "chat_template", None):
+        return "chat"
+    return "raw" if getattr(task, "is_agent", False) else "fewshot"
 
 
 def formatted(task, tok, fmt: PromptFormat):
