@@ -45,6 +45,9 @@ from pathlib import Path
 
 import torch
 
+from onelayer.rollout import kernels
+from onelayer.rollout.kernels import cpu_model
+
 DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3-large")
 LAYER_SETS = ("all", "middle:1")
 
@@ -80,17 +83,6 @@ PER_MODEL_KEYS = ("prompts", "num_generations", "max_new_tokens", "learning_rate
 def bench_spec(model: str, **run) -> BenchSpec:
     """The settings both tools use for `model`; `run` sets the run-wide ones (steps, warmup, threads)."""
     return BenchSpec(model=model, **MODEL_SETTINGS.get(model, {}), **run)
-
-
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- the reward
@@ -199,13 +191,13 @@ def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_toke
 def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu", kernel: str = "torch") -> float:
     """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`.
 
-    kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "lean": the linear onelayer's
-    lean path uses (`onelayer.rollout.lean.linear`: oneDNN on CPU where available)."""
-    from onelayer.rollout.lean import linear
-
+    kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "onednn": oneDNN's linear, the
+    other kernel onelayer's lean paths choose from (`onelayer.rollout.kernels`; torch's where oneDNN is
+    unavailable)."""
     a, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     wt = w.t().contiguous()
-    fn = (lambda: a @ wt) if kernel == "torch" else (lambda: linear(a, w))
+    use_onednn = kernel == "onednn" and kernels.onednn_available() and device == "cpu"
+    fn = (lambda: kernels.onednn_linear(a, w, None)) if use_onednn else (lambda: a @ wt)
     with torch.inference_mode():
         for _ in range(10):
             fn()
@@ -255,6 +247,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         "optimizer_bytes": rows[-1]["optimizer_bytes"],
         "trainable_params": record["trainable_params"],
         "peak_memory_bytes": _peak_memory_bytes(device),
+        "cpu_kernels": record.get("cpu_kernels", {}),
     }
 
 
@@ -409,12 +402,14 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
     if threads:
         torch.set_num_threads(threads)
     rows = base.prompts * base.num_generations  # the decode matmuls' row count
-    rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "lean")}
+    rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "onednn")}
     rate = max(rates.values())  # the floor uses the fastest matmul this machine offers
     result: dict = {"model": model, "settings": {k: getattr(base, k) for k in PER_MODEL_KEYS},
                     "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
                     "matmul_shape": [rows, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
-                    "lean_matmul_gflops": round(rates["lean"], 1), "floor_gflops": round(rate, 1), "runs": {}}
+                    "onednn_matmul_gflops": round(rates["onednn"], 1), "floor_gflops": round(rate, 1),
+                    "kernel_choice": kernels.choose(rows, s["H"], s["I"]) if device == "cpu" else "default",
+                    "runs": {}}
     tools = ("onelayer", "trl") if with_trl else ("onelayer",)
     order = [(layers, tool) for layers in LAYER_SETS for tool in tools]
     # rounds alternate the order of the runs, so slow drift of the machine's speed hits every run alike;
@@ -493,7 +488,13 @@ def format_report(result: dict) -> str:
         lines.append(f"{name} (hidden {m['shape']['H']} x {m['shape']['L']} blocks; middle block {m['middle_block']}; "
                      f"{c['prompts']} prompts x G={c['num_generations']}, <= {c['max_new_tokens']} new tokens, "
                      f"{c['prompt_format']} arith level {c['difficulty']}; "
-                     f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, lean {m['lean_matmul_gflops']} GFLOP/s)")
+                     f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, onednn {m['onednn_matmul_gflops']} "
+                     f"GFLOP/s, chosen {m['kernel_choice']})")
+        for layers in ("all", "middle:1"):
+            made = [c["choice"] for c in m["runs"][f"onelayer/{layers}"].get("cpu_kernels", {}).values()]
+            if made:
+                lines.append(f"  onelayer {layers:9s} kernels: {made.count('onednn')} shapes onednn, "
+                             f"{made.count('default')} default")
         for layers, key in (("all", "full"), ("middle:1", "layer")):
             ph = s[f"onelayer_{key}_phases_s"]
             run = m["runs"][f"onelayer/{layers}"]

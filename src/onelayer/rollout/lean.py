@@ -10,7 +10,8 @@ run the same math straight from the model's own parameters:
 
 `LeanDecoder` (used by `rollout.sample`) decodes into a preallocated KV cache; `lean_sequence_logprobs`
 (used by `rollout.sequence_logprobs`) is the differentiable forward of whole sequences, computing each
-prompt shared by G samples once. On CPU every float32 matmul goes through oneDNN (`linear`).
+prompt shared by G samples once. On CPU each float32 matmul runs on the kernel (oneDNN or torch's default
+GEMM) measured faster for its shape on the running machine (`linear`, `onelayer.rollout.kernels`).
 
 They are used only for models they reproduce (`lean_support`: the module layout of the HF Llama
 family, plain `nn.Linear` projections, no hooks, SiLU MLP, full attention everywhere) and, once per
@@ -25,6 +26,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from onelayer.rollout import kernels
 
 SUPPORTED_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 _VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -86,25 +89,25 @@ def _eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _onednn_ok() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
 
 
-_ONEDNN = _onednn_ok()
-
-
-def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """oneDNN for this float32 CPU linear when it measured faster on this machine (`rollout.kernels`)."""
+    return (kernels._ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype
+            and kernels.choose(_rows(x), w.shape[1], w.shape[0]) == "onednn")
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` through oneDNN, forward and backward (dX = dY W, dW = dY^T X, both as oneDNN linears)."""
+    """`F.linear` through oneDNN with its backward (dX = dY W, dW = dY^T X), each product on the kernel
+    measured faster for its own shape."""
 
     @staticmethod
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _onednn(x, w, b)
+        return kernels.onednn_linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
@@ -112,23 +115,25 @@ class _OneDNNLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _onednn(dy2, w.t(), None).view(x.shape)
+            wt = w.t()
+            dx = (kernels.onednn_linear(dy2, wt, None) if _use_onednn(dy2, wt) else dy2 @ w).view(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = _onednn(dy2.t(), x.reshape(-1, x.shape[-1]).t(), None)
+            dyt, xt = dy2.t(), x.reshape(-1, x.shape[-1]).t()
+            dw = kernels.onednn_linear(dyt, xt, None) if _use_onednn(dyt, xt) else dyt @ xt.t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for float32 on CPU: on this project's machines (AMD EPYC) torch's default
-    CPU GEMM (MKL) runs at about half of oneDNN's rate for these shapes. Same math; the summation order
-    differs, so results agree to float rounding (~1e-6 relative), not bit for bit."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype):
+    """`F.linear`, through oneDNN for a float32 CPU shape where oneDNN measured faster on this machine
+    (`onelayer.rollout.kernels`). Same math; the summation order differs, so the two agree to float
+    rounding (~1e-6 relative), not bit for bit."""
+    if not _use_onednn(x, w):
         return F.linear(x, w, b)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return _OneDNNLinear.apply(x, w, b)
-    return _onednn(x, w, b)
+    return kernels.onednn_linear(x, w, b)
 
 
 def _pair_order(d: int) -> torch.Tensor:
@@ -242,8 +247,8 @@ class LeanDecoder:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     def _residual(self, x, a, w, b):
-        """x + a W^T (+ b); on CPU the add is fused into the oneDNN matmul."""
-        if self.fold and _ONEDNN and x.dtype == torch.float32:
+        """x + a W^T (+ b); where oneDNN runs this shape on CPU, the add is fused into its matmul."""
+        if self.fold and _use_onednn(a, w):
             return torch.ops.mkldnn._linear_pointwise.binary(a, x, w, b, "add")
         return x + linear(a, w, b)
 

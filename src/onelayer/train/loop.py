@@ -29,6 +29,7 @@ from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.models.prefix import reuse_block
 from onelayer.rollout import sample, sequence_block_input, sequence_logprobs
+from onelayer.rollout import kernels
 from onelayer.rollout.lean import forward_path
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
@@ -219,7 +220,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         "trainable_params": selection.trainable_params, "total_params": selection.total_params,
         "base_score": _mean(base_scores), "base_ci95": bootstrap_ci(base_scores),
         "gain": _mean(scores) - _mean(base_scores), "gain_ci95": paired_bootstrap_ci(scores, base_scores),
-        "frozen_unchanged": unchanged, "frozen_changed": changed,
+        "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
         "steps": cfg.max_steps if optimizer is not None else 0, "train_seconds": round(elapsed, 2),
         "item_ids": [it["id"] for it in eval_items], "item_scores": scores, "base_item_scores": base_scores,
     }
@@ -234,6 +235,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         replace_dir(tmp, out / "model")
     atomic_write_json(out / "eval.json", record)
     _set_status(out, "done")
+    log(f"cpu kernels: {kernels.summary()}")
     log(f"score {record['score']:.1%} (base {record['base_score']:.1%}), gain {record['gain']:+.1%} "
         f"95% CI [{record['gain_ci95'][0]:+.1%}, {record['gain_ci95'][1]:+.1%}]; "
         f"frozen tensors unchanged: {unchanged}")
