@@ -76,6 +76,9 @@ class TrainConfig:
     max_steps: int | None = _f(None, "RL steps; default: the task's suggestion (300; agent tasks 150)")
     # evaluation, logging, checkpoints
     eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after)")
+    collapse_window: int = _f(10, "collapse guard: steps in its rolling means of reward, KL and invalid-action rate")
+    collapse_fraction: float = _f(0.5, "collapse guard: flag when the rolling reward falls below this fraction of "
+                                       "its starting value (for collapse_window steps in a row)")
     save_every: int = _f(25, "checkpoint every N steps (a killed run resumes from the last one)")
     save_model: bool = _f(True, "write the trained model to OUT/model with save_pretrained")
     tensorboard: bool = _f(False, "also write TensorBoard logs to OUT/tb")
@@ -174,6 +177,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_completion_length is None or cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1")
     need(cfg.mini_batch_size is None or cfg.mini_batch_size >= 1, "mini_batch_size", "must be >= 1")
     need(cfg.save_every >= 1, "save_every", "must be >= 1")
+    need(cfg.collapse_window >= 1, "collapse_window", "must be >= 1")
+    need(0 < cfg.collapse_fraction < 1, "collapse_fraction", "must be in (0, 1)")
     need(cfg.rollout_backend in ("hf", "vllm"), "rollout_backend", "must be hf or vllm")
     need(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
     need(cfg.dtype in DTYPES, "dtype", "must be float32, bfloat16 or float16")

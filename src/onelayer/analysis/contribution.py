@@ -81,12 +81,15 @@ class _Runs:
         self.full: dict = {}
         self.layers: dict[int, dict] = {}
         self.num_layers: int | None = None
+        self.collapsed: set = set()  # (kind, layer, seed) of runs whose collapse guard fired
         fallback_base: dict = {}
         for run in runs:
             kind, layer = _kind(run)
             if kind == "other":
                 continue
             seed = run.get("seed")
+            if run.get("collapsed"):
+                self.collapsed.add((kind, layer, seed))
             scores = self._aligned(run, "item_scores")
             L = run.get("num_layers")
             if L is not None:
@@ -243,6 +246,9 @@ def layer_contributions(runs: Sequence[dict], *, n_boot: int = N_BOOT, seed: int
             "seeds": seeds,
             "score": s_l, "gain": s_l - s_b, "base_score": s_b, "full_score": s_f,
             "n_items": data.n_items, "n_seeds": len(seeds),
+            # a collapsed layer or full run among these seeds: the C is reported, and marked
+            "collapsed": any(("layer", layer, s) in data.collapsed or ("full", None, s) in data.collapsed
+                             for s in seeds),
         })
     return rows
 
@@ -269,6 +275,7 @@ def full_gain_summary(runs: Sequence[dict], *, n_boot: int = N_BOOT, seed: int =
         "base_score": s_b, "full_score": s_f,
         "per_seed": [float(data.full[s].mean() - data.base[s].mean()) for s in seeds], "seeds": seeds,
         "n_items": data.n_items, "n_seeds": len(seeds),
+        "collapsed": any(("full", None, s) in data.collapsed for s in seeds),
     }
 
 

@@ -445,6 +445,11 @@ def build_report(out) -> Path:
     if missing:
         h.append('<div class="missing"><b>Missing from this store:</b><ul>'
                  + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul></div>")
+    collapsed = [r["job_id"] for r in results if str(r.get("collapsed", "")).lower() == "true"]
+    if collapsed:
+        h.append('<div class="missing"><b>Collapsed runs</b> (the training reward fell apart; every contribution '
+                 'computed from them is marked <code>collapsed</code>):<ul>'
+                 + "".join(f"<li>{html.escape(j)}</li>" for j in collapsed) + "</ul></div>")
     h.append("<h2>Summary per condition</h2>" + _summary_html(summary))
     h.append("<h2>Plots</h2>")
     for name in PLOTS:

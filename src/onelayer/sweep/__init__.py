@@ -60,6 +60,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
                 + (" (NOISE: CI includes 0)" if g["noise"] else "")
                 + (f"; best layer {c['best_layer']} recovers {c['best_recovery']:.0%}; "
                    f"{c['n_layers_ge_0_8']} layers with C >= 0.8; top-3 share {c['top3_share']:.0%}" if c else ""))
+            if info.get("collapsed_jobs"):
+                log(f"{condition}: COLLAPSED (training reward fell apart; contributions from them are marked): "
+                    + ", ".join(info["collapsed_jobs"]))
     log(summary_table(rows, out))
     from onelayer.analysis.report import build_report
 
@@ -127,7 +130,7 @@ def summary_table(rows: list[dict], out: Path) -> str:
         if r["status"] != "done":
             lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8}")
             continue
-        gain = f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
+        gain = f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]" + (" COLLAPSED" if r.get("collapsed") else "")
         c = contrib.get((r["condition"], r["layers"]))
         cstr = f"{float(c['contribution']):.2f} [{float(c['ci_low']):.2f}, {float(c['ci_high']):.2f}]" if c else ""
         lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8} {r['score']:>6.3f} {gain:<24} {cstr:<22}")

@@ -33,6 +33,8 @@ from onelayer.rollout import kernels
 from onelayer.rollout.lean import forward_path
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
+from onelayer.train.collapse import CollapseRule, check_collapse
+from onelayer.train.collapse import describe as describe_collapse
 from onelayer.train.experience import collect
 from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
 from onelayer.train.precision import Precision
@@ -41,7 +43,8 @@ from onelayer.train.setup import (
 )
 
 # Settings that may differ when a killed run is resumed (they do not change the result beyond float rounding).
-RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device", "prefix_reuse"}
+RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device", "prefix_reuse",
+                    "collapse_window", "collapse_fraction"}
 
 
 class TrainingError(RuntimeError):
@@ -116,7 +119,10 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
 
     writer = _tensorboard(out) if cfg.tensorboard else None
     steps = range(start_step, cfg.max_steps) if optimizer is not None else range(0)
-    elapsed = sum(m.get("seconds", 0.0) for m in read_jsonl(out / "metrics.jsonl"))
+    history = read_jsonl(out / "metrics.jsonl")  # every step's metrics so far, for the collapse guard
+    elapsed = sum(m.get("seconds", 0.0) for m in history)
+    rule = CollapseRule(window=cfg.collapse_window, fraction=cfg.collapse_fraction, patience=cfg.collapse_window)
+    collapse = check_collapse(history, rule)
     with _progress(cfg, steps) as bar:
         for step in bar:
             t0 = time.perf_counter()
@@ -203,6 +209,9 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 metrics["eval_score"] = _mean(evaluate())
             append_jsonl(out / "metrics.jsonl", metrics)
+            history.append(metrics)
+            if collapse is None and (collapse := check_collapse(history, rule)) is not None:
+                log(f"warning: {describe_collapse(collapse)}; eval.json will record collapsed: true")
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(f"train/{k}", v, step + 1)
@@ -221,6 +230,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         "base_score": _mean(base_scores), "base_ci95": bootstrap_ci(base_scores),
         "gain": _mean(scores) - _mean(base_scores), "gain_ci95": paired_bootstrap_ci(scores, base_scores),
         "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
+        "collapsed": collapse is not None, "collapse": collapse,
         "steps": cfg.max_steps if optimizer is not None else 0, "train_seconds": round(elapsed, 2),
         "item_ids": [it["id"] for it in eval_items], "item_scores": scores, "base_item_scores": base_scores,
     }
