@@ -56,6 +56,10 @@ def test_full_run_writes_outputs(base_dir, tmp_path):
         assert key in metrics[0]
     model, tok = load_policy(tmp_path / "run" / "model")
     assert model.config.num_hidden_layers == 8 and tok.decode(tok("1+2=").input_ids) == "1+2="
+    # the warm start is part of the result: its weights' hash and held-out accuracy are recorded
+    ws = json.loads((base_dir / "warmstart.json").read_text())
+    assert rec["warm_start"]["heldout_accuracy"] == ws["heldout_accuracy"] and len(rec["warm_start"]["hash"]) == 16
+    assert rec["collapsed"] is False and rec["prompt_format"] == "raw" and rec["precision"] == "float32"
 
 
 def test_single_layer_leaves_frozen_tensors_bit_identical(base_dir, tmp_path):

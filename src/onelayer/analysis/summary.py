@@ -24,6 +24,17 @@ def load_records(out: str | Path) -> list[dict]:
     return records
 
 
+def _warm_starts(runs: list[dict]) -> list[dict]:
+    """The distinct warm-start checkpoints the condition's jobs started from (hash and held-out accuracy)."""
+    seen = {}
+    for r in runs:
+        ws = r.get("warm_start")
+        if ws:
+            seen.setdefault(ws["hash"], {"hash": ws["hash"], "heldout_accuracy": ws["heldout_accuracy"], "jobs": 0})
+            seen[ws["hash"]]["jobs"] += 1
+    return list(seen.values())
+
+
 def summarize(out: str | Path) -> dict:
     """Write OUT/contributions.csv and OUT/summary.json; returns the summary per condition."""
     out = Path(out)
@@ -35,7 +46,8 @@ def summarize(out: str | Path) -> dict:
         layer_rows = layer_contributions(runs)
         rows += [{"condition": condition, **r} for r in layer_rows]
         summary[condition] = {"full_gain": full_gain_summary(runs), "concentration": concentration(layer_rows) if layer_rows else {},
-                              "collapsed_jobs": sorted(r["job_id"] for r in runs if r.get("collapsed"))}
+                              "collapsed_jobs": sorted(r["job_id"] for r in runs if r.get("collapsed")),
+                              "warm_starts": _warm_starts(runs)}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CONTRIBUTION_COLUMNS, extrasaction="ignore")
     writer.writeheader()

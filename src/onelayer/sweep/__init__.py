@@ -60,6 +60,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
                 + (" (NOISE: CI includes 0)" if g["noise"] else "")
                 + (f"; best layer {c['best_layer']} recovers {c['best_recovery']:.0%}; "
                    f"{c['n_layers_ge_0_8']} layers with C >= 0.8; top-3 share {c['top3_share']:.0%}" if c else ""))
+            for ws in info.get("warm_starts", []):
+                log(f"{condition}: warm start {ws['hash']} (held-out {ws['heldout_accuracy']:.1%}) for {ws['jobs']} jobs"
+                    + ("  <- SEVERAL warm starts in one condition" if len(info["warm_starts"]) > 1 else ""))
             if info.get("collapsed_jobs"):
                 log(f"{condition}: COLLAPSED (training reward fell apart; contributions from them are marked): "
                     + ", ".join(info["collapsed_jobs"]))

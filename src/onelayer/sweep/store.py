@@ -15,7 +15,8 @@ from onelayer.io import atomic_write_text, read_json
 
 RESULT_COLUMNS = ["job_id", "condition", "model", "task", "algo", "seed", "layers", "layer_indices", "num_layers",
                   "status", "score", "ci_low", "ci_high", "base_score", "gain", "gain_ci_low", "gain_ci_high",
-                  "n", "trainable_params", "train_seconds", "frozen_unchanged", "collapsed", "error"]
+                  "n", "trainable_params", "train_seconds", "frozen_unchanged", "collapsed",
+                  "warm_start_hash", "warm_start_accuracy", "error"]
 
 
 def job_dir(out: Path, job_id: str) -> Path:
@@ -51,6 +52,8 @@ def result_row(out: Path, job) -> dict:
                    trainable_params=ev["trainable_params"], train_seconds=ev["train_seconds"],
                    frozen_unchanged=ev["frozen_unchanged"], num_layers=ev["num_layers"],
                    collapsed=bool(ev.get("collapsed", False)),
+                   warm_start_hash=(ev.get("warm_start") or {}).get("hash", ""),
+                   warm_start_accuracy=(ev.get("warm_start") or {}).get("heldout_accuracy", ""),
                    layer_indices=" ".join(map(str, ev["layer_indices"])))
     elif (path / "error.txt").is_file():
         row["error"] = (path / "error.txt").read_text().strip().splitlines()[-1][:300]

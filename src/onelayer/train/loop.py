@@ -38,6 +38,7 @@ from onelayer.train.collapse import describe as describe_collapse
 from onelayer.train.experience import collect
 from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
 from onelayer.train.precision import Precision
+from onelayer.train.warmstart import warm_start_info
 from onelayer.train.setup import (
     check_backend, format_task, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
 )
@@ -231,6 +232,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         "gain": _mean(scores) - _mean(base_scores), "gain_ci95": paired_bootstrap_ci(scores, base_scores),
         "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
         "collapsed": collapse is not None, "collapse": collapse,
+        "warm_start": warm_start_info(source) if (Path(str(source)) / "warmstart.json").is_file() else None,
         "steps": cfg.max_steps if optimizer is not None else 0, "train_seconds": round(elapsed, 2),
         "item_ids": [it["id"] for it in eval_items], "item_scores": scores, "base_item_scores": base_scores,
     }

@@ -80,6 +80,19 @@ def warm_started(model_name: str, task, *, max_new_tokens: int, log=print) -> Pa
         return final
 
 
+def warm_start_info(path: str | Path) -> dict:
+    """What a run started from: the warm-start checkpoint's SHA-256 (of its weights file, first 16 hex
+    digits), its held-out accuracy and steps. Recorded in every warm-started job's eval.json, so two
+    sweeps that differ because their warm starts differ can be told apart."""
+    path = Path(path)
+    record = json.loads((path / "warmstart.json").read_text())
+    h = hashlib.sha256()
+    for weights in sorted(path.glob("*.safetensors")):
+        h.update(weights.read_bytes())
+    return {"hash": h.hexdigest()[:16], "heldout_accuracy": record["heldout_accuracy"], "steps": record["steps"],
+            "path": str(path)}
+
+
 def _sft_batch(tok, pairs: list[tuple[str, str]]):
     """Right-padded prompt+demonstration+EOS sequences with labels only on the completion."""
     prompts = encode_prompts(tok, [p for p, _ in pairs])
