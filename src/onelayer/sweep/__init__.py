@@ -58,6 +58,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
             g, c = info["full_gain"], info["concentration"]
             log(f"{condition}: full-RL gain {g['gain']:+.1%} [{g['ci_low']:+.1%}, {g['ci_high']:+.1%}]"
                 + (" (NOISE: CI includes 0)" if g["noise"] else "")
+                + (" (1 seed: CIs cover eval items only, not seed-to-seed variation; add --seeds 0,1)"
+                   if g["n_seeds"] == 1 else f" ({g['n_seeds']} seeds: CIs cover items and seeds)")
                 + (f"; best layer {c['best_layer']} recovers {c['best_recovery']:.0%}; "
                    f"{c['n_layers_ge_0_8']} layers with C >= 0.8; top-3 share {c['top3_share']:.0%}" if c else ""))
             for ws in info.get("warm_starts", []):
