@@ -112,6 +112,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
 
     train_items, eval_items = task.items("train"), task.items("eval")
+
     def evaluate():
         with precision.autocast():
             return task_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)
