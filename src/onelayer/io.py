@@ -103,3 +103,23 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(final: Path, marker: str, build) -> Path:
+    """``final``, a cached directory that ``build(tmp)`` fills: built once under a file lock (concurrent
+    processes wait, then reuse it), into a temporary directory moved into place whole. ``marker`` is the
+    file whose presence means the directory is complete."""
+    if (final / marker).is_file():
+        return final
+    with file_lock(final.with_name(final.name + ".lock")):
+        if (final / marker).is_file():  # another process built it while we waited
+            return final
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, final)
+    return final

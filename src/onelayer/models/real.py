@@ -18,7 +18,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from onelayer.io import atomic_write_json, cache_root, file_lock, replace_dir
+from onelayer.io import atomic_write_json, build_once, cache_root
 from onelayer.models import ModelError
 
 CONVERT_VERSION = 1  # bump when the conversion changes, so cached directories are rebuilt
@@ -93,31 +93,23 @@ def converted_dir(name: str, log=print) -> Path:
     _check_magic(path)
     digest = _sha256(path)
     final = cache_root() / "models" / f"{path.stem}-{digest[:12]}-v{CONVERT_VERSION}"
-    if (final / "config.json").is_file():
-        return final
-    with file_lock(final.with_name(final.name + ".lock")):
-        if (final / "config.json").is_file():  # another process built it while we waited
-            return final
+
+    def build(tmp: Path) -> None:
         log(f"dequantizing {path.name} into {final} (once)")
-        tmp = final.with_name(f".{final.name}.tmp")
         _convert(path, tmp)
         atomic_write_json(tmp / "onelayer_source.json", {"gguf": str(path), "sha256": digest,
                                                          "convert_version": CONVERT_VERSION})
-        replace_dir(tmp, final)
-    return final
+
+    return build_once(final, "onelayer_source.json", build)
 
 
 def _convert(path: Path, out: Path) -> None:
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from onelayer.models import _quiet_transformers
 
     _quiet_transformers()
-    if out.exists():
-        shutil.rmtree(out)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

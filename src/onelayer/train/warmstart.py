@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from onelayer.io import atomic_write_json, cache_root, file_lock, replace_dir
+from onelayer.io import atomic_write_json, build_once, cache_root
 from onelayer.models import build_tiny
 from onelayer.rollout import encode_prompts
 from onelayer.train.evaluate import task_scores
@@ -64,20 +62,15 @@ def warm_started(model_name: str, task, *, max_new_tokens: int, log=print) -> Pa
     """Path of the warm-started checkpoint for (model, task), building it on first use."""
     settings = settings_for(task)
     final = cache_dir(model_name, task, settings)
-    if (final / "warmstart.json").is_file():
-        return final
-    with file_lock(final.with_name(final.name + ".lock")):
-        if (final / "warmstart.json").is_file():  # another process built it while we waited
-            return final
+
+    def build(tmp: Path) -> None:
         log(f"warm start: fine-tuning {model_name} on {task.name} demonstrations (once; cached in {final})")
         model, tok, record = _fine_tune(model_name, task, settings, max_new_tokens=max_new_tokens, log=log)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "warmstart.json", record)
-        replace_dir(tmp, final)
-        return final
+
+    return build_once(final, "warmstart.json", build)
 
 
 def warm_start_info(path: str | Path) -> dict:
