@@ -4,10 +4,8 @@ grpo    = group advantages, group-std scaling, seq-mean-token-mean
 dr_grpo = group advantages, no scaling, seq-mean-token-sum-norm, β = 0
 gigpo   = gigpo advantages (γ = 0.95, ω = 1, group-std scaling of both terms), token-mean
 
-GiGPO scales by the group std, as the GiGPO paper and verl-agent do by default (DESIGN.md first had
-"no scaling"). Measured on `grid` (tiny Qwen3, 150 steps, 200 held-out seeds): unscaled, held-out
-success went 55.0 % → 58.2 % (gain CI [−3.0, +9.1]); std-scaled, 55.0 % → 64.6 % ([+3.4, +15.5]) and,
-with seed 1, → 71.1 % ([+11.1, +20.9]). `--scale-rewards none` restores the unscaled variant.
+GiGPO scales by the group std, as the GiGPO paper and verl-agent do by default (measured comparison
+with the unscaled variant: README, Tasks). `--scale-rewards none` restores the unscaled variant.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The multi-turn environment protocol (DESIGN.md §4).
+"""The multi-turn environment protocol.
 
 An environment is reset from a seed and stepped with action text::
 

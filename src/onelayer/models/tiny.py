@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
-# Shapes follow DESIGN.md §5 (hidden 128 × 8 blocks, ≈2 M parameters); "bench-large" is the bigger
+# Shapes: hidden 128 × 8 blocks (≈2 M parameters) for the default; "bench-large" is the bigger
 # tiny config that the speed benchmark also measures.
 TINY_SHAPES: dict[str, dict] = {
     "tiny-qwen3": dict(arch="qwen3", hidden_size=128, num_hidden_layers=8, num_attention_heads=4,
