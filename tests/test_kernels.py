@@ -45,6 +45,18 @@ def test_choice_is_measured_once_per_shape_kept_and_reused_by_a_later_process(fr
     assert kernels.choose(64, 32, 512) == "default" and "forced" in kernels.summary()
 
 
+def test_weight_gradient_shapes_are_bucketed_by_their_token_dimension(fresh, monkeypatch):
+    """dW = dY^T X has the batch's tokens as its inner dimension, a new size nearly every step: it must share
+    one measurement per band, not time (and store) each size."""
+    calls = []
+    monkeypatch.setattr(kernels, "measure", lambda m, k, n: calls.append((m, k, n)) or {"default": 1.0, "onednn": 0.5})
+    for tokens in (1000, 1013, 1024, 777):
+        kernels.choose(128, tokens, 512, tokens="k")
+    assert calls == [(128, 1024, 512)]
+    kernels.choose(128, 1025, 512, tokens="k")
+    assert calls[-1] == (128, 2048, 512) and set(kernels.choices()) == {"128x1024x512", "128x2048x512"}
+
+
 @needs_onednn
 def test_real_measurement_returns_positive_times(fresh):
     times = kernels.measure(16, 64, 128)

@@ -56,7 +56,9 @@ def cpu_model() -> str:
 
 
 def _bucket(m: int) -> int:
-    """Rows rounded up to a power of two (decode batches shrink as rows finish: one choice per band)."""
+    """A token count rounded up to a power of two: decode batches shrink as rows finish and every training
+    batch holds a different number of tokens, so one choice serves a band of sizes (and the store stays
+    small) instead of one measurement per size."""
     return 1 << max(0, int(m - 1).bit_length())
 
 
@@ -109,14 +111,17 @@ def measure(m: int, k: int, n: int) -> dict[str, float]:
         return {"default": _time(lambda: F.linear(x, w), reps), "onednn": _time(lambda: onednn_linear(x, w, None), reps)}
 
 
-def choose(m: int, k: int, n: int) -> str:
-    """The kernel for an [m, k] x [n, k]^T float32 linear on this machine: 'default' or 'onednn'."""
+def choose(m: int, k: int, n: int, tokens: str = "m") -> str:
+    """The kernel for an [m, k] x [n, k]^T float32 linear on this machine: 'default' or 'onednn'.
+
+    `tokens` names the dimension that counts tokens ("m", or "k" for a weight gradient dY^T X, whose inner
+    dimension is the batch's tokens); that one is bucketed (`_bucket`) and measured at its band's size."""
     forced = os.environ.get(ENV, "auto").lower()
     if forced in KERNELS:
         return forced if (forced == "default" or _ONEDNN) else "default"
     if not _ONEDNN:
         return "default"
-    key = (_bucket(m), k, n)
+    key = (_bucket(m), k, n) if tokens == "m" else (m, _bucket(k), n)
     if key in _CHOICES:
         return _CHOICES[key]
     stored = _load_stored().get("x".join(map(str, key)))

@@ -93,10 +93,11 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """oneDNN for this float32 CPU linear when it measured faster on this machine (`rollout.kernels`)."""
+def _use_onednn(x: torch.Tensor, w: torch.Tensor, tokens: str = "m") -> bool:
+    """oneDNN for this float32 CPU linear when it measured faster on this machine (`rollout.kernels`;
+    `tokens`: which dimension counts tokens)."""
     return (kernels._ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype
-            and kernels.choose(_rows(x), w.shape[1], w.shape[0]) == "onednn")
+            and kernels.choose(_rows(x), w.shape[1], w.shape[0], tokens) == "onednn")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -119,7 +120,7 @@ class _OneDNNLinear(torch.autograd.Function):
             dx = (kernels.onednn_linear(dy2, wt, None) if _use_onednn(dy2, wt) else dy2 @ w).view(x.shape)
         if ctx.needs_input_grad[1]:
             dyt, xt = dy2.t(), x.reshape(-1, x.shape[-1]).t()
-            dw = kernels.onednn_linear(dyt, xt, None) if _use_onednn(dyt, xt) else dyt @ xt.t()
+            dw = kernels.onednn_linear(dyt, xt, None) if _use_onednn(dyt, xt, "k") else dyt @ xt.t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db
