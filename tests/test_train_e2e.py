@@ -10,20 +10,12 @@ import time
 import pytest
 import torch
 
-from onelayer import tasks
 from onelayer.cli import main
 from onelayer.io import read_jsonl
 from onelayer.models import ModelError, load_policy
-from onelayer.train.warmstart import warm_started
 
 pytestmark = pytest.mark.slow
 FAST = ["--no-progress", "--task-opt", "n_eval=200"]
-
-
-@pytest.fixture(scope="session")
-def base_dir(onelayer_cache):
-    """The warm-started tiny model (built once per session, ~1 min on 2 cores)."""
-    return warm_started("tiny-qwen3", tasks.make("arith", n_eval=200), max_new_tokens=8)
 
 
 def train(out, *args):
