@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from onelayer.models import build_tiny
-from onelayer.rollout import kernels
-from onelayer.rollout.lean import LeanDecoder, causal_allowed, lean_sequence_logprobs, position_ids
+from onelayer.policy import kernels, lean_sequence_logprobs
+from onelayer.policy.decoder import LeanDecoder
+from onelayer.policy.ops import causal_allowed, position_ids
 
 needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="oneDNN not in this torch build")
 

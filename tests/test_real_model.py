@@ -45,7 +45,7 @@ def test_loads_with_its_shapes_and_chat_template(smollm):
 
 
 def test_lean_paths_support_it(smollm):
-    from onelayer.rollout.lean import forward_path
+    from onelayer.policy import forward_path
 
     model, _ = smollm
     assert forward_path(model) == "lean"
@@ -99,7 +99,8 @@ def test_two_step_single_layer_run(tmp_path):
 
 
 def test_stop_strings_cut_rollouts_and_their_logprobs(smollm):
-    from onelayer.rollout import sample_texts, sequence_logprobs
+    from onelayer.rollout import sample_texts
+    from onelayer.policy import sequence_logprobs
 
     model, tok = smollm
     prompt = "1+1=2\n2+3=5\n4+4=8\n3+2="

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 
 from onelayer.models.layers import select_layers
 from onelayer.models.prefix import reuse_block, start_at_block
-from onelayer.rollout import sample, sequence_block_input, sequence_logprobs
-from onelayer.rollout.lean import lean_available, lean_support
+from onelayer.rollout import sample
+from onelayer.policy import lean_available, lean_support, sequence_block_input, sequence_logprobs
 
 PAD, EOS, V = 0, 1, 60
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33, 34]]
@@ -58,15 +58,15 @@ def assert_grads_close(ga: dict, gb: dict, rel=1e-4):
 
 
 def test_probe_catches_a_wrong_decode_step(monkeypatch):
-    from onelayer.rollout import lean
+    from onelayer.policy.decoder import LeanDecoder
 
-    real = lean.LeanDecoder.forward
+    real = LeanDecoder.forward
 
     def off_in_decode(self, ids, *a, **kw):  # prefill right, every decode step slightly wrong
         out = real(self, ids, *a, **kw)
         return out + 1e-2 if ids.shape[1] == 1 else out
 
-    monkeypatch.setattr(lean.LeanDecoder, "forward", off_in_decode)
+    monkeypatch.setattr(LeanDecoder, "forward", off_in_decode)
     assert not lean_available(build("qwen3"))
 
 
@@ -100,7 +100,7 @@ def test_lean_training_gradients_are_bitwise_reproducible_on_two_threads():
     """Shared prompts fan out to their rows; with shuffled rows that fan-out's backward once summed the rows'
     gradients in a thread-dependent order, so runs of one seed drifted apart (full-RL gain 40-46 % over 300 steps)."""
     from onelayer.models import build_tiny
-    from onelayer.rollout.lean import lean_sequence_logprobs
+    from onelayer.policy import lean_sequence_logprobs
 
     model, _ = build_tiny("tiny-qwen3", seed=0)
     g = torch.Generator().manual_seed(0)
@@ -295,7 +295,7 @@ def test_bench_without_trl_says_how_to_install_it(monkeypatch, capsys):
 def test_lean_decoder_layouts_match_the_models_forward(kind, fold):
     """Both weight layouts of the lean decoder (gathered and folded on CPU; the model's own tensors on GPU)
     give the model's logits for a left-padded prefill and the decode steps after it."""
-    from onelayer.rollout.lean import LeanDecoder
+    from onelayer.policy.decoder import LeanDecoder
 
     model = build(kind).eval()
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from onelayer.rollout import kernels
-from onelayer.rollout.kernels import cpu_model
+from onelayer.policy import kernels
+from onelayer.policy.kernels import cpu_model
 
 DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3-large")
 LAYER_SETS = ("all", "middle:1")
@@ -192,7 +192,7 @@ def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu
     """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`.
 
     kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "onednn": oneDNN's linear, the
-    other kernel onelayer's lean paths choose from (`onelayer.rollout.kernels`; torch's where oneDNN is
+    other kernel onelayer's lean paths choose from (`onelayer.policy.kernels`; torch's where oneDNN is
     unavailable)."""
     a, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     wt = w.t().contiguous()

@@ -58,9 +58,9 @@ class TrainConfig:
                                     "engine; CUDA + pip install 'onelayer[vllm]')")
     vllm_gpu_memory_utilization: float = _f(0.3, "rollout_backend vllm: share of GPU memory the engine may take")
     prefix_reuse: bool = _f(True, "when blocks below the lowest trainable one are frozen, compute their output once "
-                                  "per batch (captured during the rollout) and start later forwards there")
+                                  "per batch (captured during the rollout) and start later forwards there", resume_free=True)
     merge_duplicates: bool = _f(True, "run each update forward once per distinct (sequence, advantage sign), "
-                                      "weighted by its count: the same loss, fewer tokens (agent turns repeat)")
+                                      "weighted by its count: the same loss, fewer tokens (agent turns repeat)", resume_free=True)
     balance_episodes: bool = _f(True, "agent tasks: weight each turn by 1/(its episode's length) so every episode "
                                       "counts equally in the loss (no effect on single-turn tasks)")
     # rollout
@@ -84,23 +84,29 @@ class TrainConfig:
     keep_best: bool = _f(True, "with check_every: end with the weights that scored best on the check (the base "
                                "counts), not the last ones; the eval split is never used to choose")
     # evaluation, logging, checkpoints
-    eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after)")
-    collapse_window: int = _f(10, "collapse guard: steps in its rolling means of reward, KL and invalid-action rate")
+    eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after)", resume_free=True)
+    collapse_window: int = _f(10, "collapse guard: steps in its rolling means of reward, KL and invalid-action rate", resume_free=True)
     collapse_fraction: float = _f(0.5, "collapse guard: flag when the rolling reward falls below this fraction of "
-                                       "its starting value (for collapse_window steps in a row)")
-    save_every: int = _f(25, "checkpoint every N steps (a killed run resumes from the last one)")
+                                       "its starting value (for collapse_window steps in a row)", resume_free=True)
+    save_every: int = _f(25, "checkpoint every N steps (a killed run resumes from the last one)", resume_free=True)
     save_model: bool = _f(True, "write the trained model to OUT/model with save_pretrained")
-    tensorboard: bool = _f(False, "also write TensorBoard logs to OUT/tb")
-    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(False, "also write TensorBoard logs to OUT/tb", resume_free=True)
+    progress: bool = _f(True, "show a progress bar", resume_free=True)
     seed: int = _f(0, "random seed (prompt order, sampling, warm start of the task split)")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto", resume_free=True)
     dtype: str = _f("float32", "compute dtype: float32, or bfloat16 / float16 (mixed precision: autocast forwards, "
                                "fp32 trainable weights and AdamW state)")
     frozen_dtype: str | None = _f(None, "storage dtype of frozen tensors (float32, bfloat16, float16); default: dtype")
-    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", resume_free=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resume_free_keys(cls=TrainConfig) -> frozenset[str]:
+    """Settings that may differ when a killed run is resumed (marked `resume_free` on their field): they
+    change how the run is watched or how fast it goes, not its result beyond float rounding."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume_free"))
 
 
 def field_docs(cls=TrainConfig) -> dict[str, str]:

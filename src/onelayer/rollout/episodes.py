@@ -112,24 +112,3 @@ def merge_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         completion_lengths=torch.cat([b.completion_lengths for b in batches]),
         prompt_index=torch.arange(sum(b.input_ids.shape[0] for b in batches), device=batches[0].input_ids.device),
     )
-
-
-@torch.no_grad()
-def success_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, batch_size: int = 256) -> list[float]:
-    """Per item, the share of its evaluation episodes won, in order.
-
-    ``task.eval_samples`` episodes per item, sampled at ``task.eval_temperature`` with a generator seeded by
-    ``task.eval_seed`` (so the same model always gets the same score), or one greedy episode when
-    ``task.eval_samples`` is 0.
-    """
-    n = task.eval_samples or 1
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(task.eval_seed)
-    per_chunk = max(1, batch_size // n)
-    scores: list[float] = []
-    for i in range(0, len(items), per_chunk):
-        chunk = items[i:i + per_chunk]
-        eps = play(model, tok, task, [it["seed"] for it in chunk], num_generations=n, max_new_tokens=max_new_tokens,
-                   greedy=not task.eval_samples, temperature=task.eval_temperature, generator=gen)
-        scores.extend(sum(eps.won[j * n:(j + 1) * n]) / n for j in range(len(chunk)))
-    return scores

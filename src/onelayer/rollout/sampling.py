@@ -28,149 +28,15 @@ Why it is faster than `model.generate` for GRPO-shaped batches:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
-from dataclasses import dataclass, fields
 
 import torch
 
-from onelayer.models import prefix
-from onelayer.rollout.lean import LeanDecoder, causal_allowed, lean_available, lean_sequence_logprobs, position_ids
+from onelayer.policy.support import lean_available
+from onelayer.rollout.batch import RolloutBatch, left_pad
+from onelayer.rollout.steppers import _decode_attention_kernel, _HFStepper, _LeanStepper
 
-__all__ = ["RolloutBatch", "left_pad", "sample", "sequence_block_input", "sequence_logprobs", "stop_token_ids",
-           "truncate_at_stops"]
-
-
-@dataclass
-class RolloutBatch:
-    """Sampled completions, laid out for the RL loss.
-
-    Rows of one prompt are contiguous: prompt ``i``'s G samples are rows ``i*G .. i*G+G-1``.
-    ``T`` is the number of decode steps actually run: ``max_new_tokens``, or fewer if every row emitted EOS.
-    """
-
-    input_ids: torch.Tensor  # LongTensor[B, P+T]: left-padded prompt, completion, pad after EOS
-    attention_mask: torch.Tensor  # LongTensor[B, P+T]: 1 on real prompt tokens and completion tokens up to EOS
-    prompt_len: int  # P, the padded prompt width
-    completion_ids: torch.Tensor  # LongTensor[B, T]
-    completion_mask: torch.Tensor  # FloatTensor[B, T]: 1 up to and including EOS, 0 after
-    logprobs: torch.Tensor  # FloatTensor[B, T]: log_softmax(logits / temperature) of sampled tokens; 0 off-mask
-    completion_lengths: torch.Tensor  # LongTensor[B]
-    prompt_index: torch.Tensor  # LongTensor[B]: which input prompt each row came from
-    # hidden states entering block `block_index` at every position (frozen-prefix reuse); zeros at positions
-    # never fed to the model (the last sampled token, a dropped row's padding). None unless asked for.
-    block_input: torch.Tensor | None = None  # FloatTensor[B, P+T, H]
-    block_index: int | None = None
-
-    @classmethod
-    def assemble(cls, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
-                 completion_mask: torch.Tensor, logprobs: torch.Tensor, num_generations: int,
-                 block_input: torch.Tensor | None = None, block_index: int | None = None) -> "RolloutBatch":
-        """The batch of N left-padded prompts (`prompt_ids`, `prompt_mask` [N, P]) and their G completions each,
-        prompt-major: `tokens` [N*G, T] (padded after EOS), bool `completion_mask` and `logprobs` [N*G, T]."""
-        N, P = prompt_ids.shape
-        G = num_generations
-        return cls(
-            input_ids=torch.cat([prompt_ids.repeat_interleave(G, 0), tokens], 1),
-            attention_mask=torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask.long()], 1),
-            prompt_len=P,
-            completion_ids=tokens,
-            completion_mask=completion_mask.float(),
-            logprobs=logprobs,
-            completion_lengths=completion_mask.sum(1),
-            prompt_index=torch.arange(N, device=prompt_ids.device).repeat_interleave(G),
-            block_input=block_input,
-            block_index=block_index,
-        )
-
-    def map(self, fn) -> "RolloutBatch":
-        """The batch with `fn` applied to every tensor field (e.g. ``lambda t: t.to(device)``)."""
-        return RolloutBatch(**{f.name: (fn(v) if torch.is_tensor(v := getattr(self, f.name)) else v)
-                               for f in fields(self)})
-
-    @property
-    def num_generations(self) -> int:
-        n_prompts = int(self.prompt_index[-1]) + 1 if len(self.prompt_index) else 1
-        return len(self.prompt_index) // n_prompts
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token-id lists to one width. Returns (ids LongTensor[N, P], attention_mask LongTensor[N, P])."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    width = max(len(p) for p in prompts)
-    if width == 0 or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-
-
-def _forward_kwargs(model) -> tuple[str, bool]:
-    """Name of the cache argument (transformers 5 renamed past_key_values -> cache) and logits_to_keep support."""
-    params = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    return cache_kw, ("logits_to_keep" in params)
-
-
-def _static_cache(model, max_len: int):
-    """A StaticCache with `max_len` slots: keys/values are written in place, where a DynamicCache would
-    torch.cat the whole cache every step. None if the model's config does not support one."""
-    from transformers import StaticCache
-
-    try:
-        return StaticCache(config=model.config, max_cache_len=max_len)
-    except Exception:  # noqa: BLE001 - any config StaticCache cannot handle falls back to a DynamicCache
-        return None
-
-
-def _dynamic_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers: no config argument
-        return DynamicCache()
-
-
-def _select_cache_rows(cache, index: torch.Tensor) -> None:
-    """Keep/repeat batch rows of every cache layer (`index` into the batch dimension). StaticCache layers
-    have no batch_select_indices, so their key/value tensors are indexed directly."""
-    for layer in cache.layers:
-        if hasattr(layer, "batch_select_indices"):
-            layer.batch_select_indices(index)
-        elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-
-
-def _mask_4d(mask2d: torch.Tensor, q_start: int, model) -> torch.Tensor | None:
-    """Causal+padding mask for query positions q_start.. against all keys, in the layout the model's attention
-    wants: bool (True = attend) for sdpa, additive float for eager. None when the model needs its own mask
-    builder (flash/flex attention, sliding-window layers) — the caller then passes the 2-D mask.
-
-    A query at a padding position attends to itself, so no softmax row is empty (an all-masked row gives
-    NaN in some kernels, and NaN keys/values would leak into real rows through 0 * NaN)."""
-    cfg = model.config
-    impl = getattr(cfg, "_attn_implementation", None)
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"]
-    if impl not in ("sdpa", "eager") or any(t != "full_attention" for t in layer_types):
-        return None
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-        return None
-    allowed = causal_allowed(mask2d, q_start)
-    if impl == "sdpa":
-        return allowed
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min
-    )
+__all__ = ["RolloutBatch", "left_pad", "sample", "sample_texts", "stop_token_ids", "truncate_at_stops"]
 
 
 def _next_tokens(
@@ -196,119 +62,6 @@ def _next_tokens(
     else:
         tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
-
-def _decode_attention_kernel(device: torch.device):
-    """On CPU, torch's fused (flash) SDPA kernel is about 2x slower than the plain math kernel for one query
-    token against a short cache; elsewhere keep torch's choice."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
-
-
-class _HFStepper:
-    """Prefill and decode steps through the model's own forward with a transformers cache (any causal LM).
-
-    With `capture` (a block index), a forward pre-hook on that block records the hidden states entering it."""
-
-    def __init__(self, model, pmask: torch.Tensor, G: int, T: int, capture: int | None, block_path: str | None):
-        self.model = model
-        self.cache_kw, has_ltk = _forward_kwargs(model)
-        self.ltk = {"logits_to_keep": 1} if has_ltk else {}
-        N, P = pmask.shape
-        self.P = P
-        # While decoding every completion slot counts as visible: a finished row's later tokens only feed
-        # that row's own (discarded) outputs.
-        full_mask = torch.cat([pmask, pmask.new_ones(N, T)], 1)
-        mask4d = _mask_4d(full_mask, 0, model)  # [N, 1, L, L], built once and sliced per step
-        self.cache = _static_cache(model, P + T) if mask4d is not None else None
-        if self.cache is not None:  # queries attend over all L slots; the mask hides the ones not written yet
-            self.prefill_mask, self.step_masks = mask4d[:, :, :P], mask4d[:, :, P:].repeat_interleave(G, 0)
-        else:  # the model builds its own mask from the 2-D one each step
-            self.cache = _dynamic_cache(model)
-            self.prefill_mask, self.step_masks = pmask, full_mask.repeat_interleave(G, 0)
-        self.static = self.prefill_mask.dim() == 4
-        self.captured, self._hook, self._last = None, None, None
-        if capture is not None:
-            from onelayer.models.layers import find_blocks
-
-            block = find_blocks(model, block_path)[1][capture]
-            self._hook = block.register_forward_pre_hook(self._record, with_kwargs=True)
-            dtype = next(model.parameters()).dtype
-            self.captured = torch.zeros(N * G, P + T, model.config.hidden_size, dtype=dtype, device=pmask.device)
-
-    def _record(self, module, args, kwargs):
-        self._last = args[0] if args else kwargs["hidden_states"]
-
-    def close(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-
-    def _forward(self, ids, mask, positions):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_kw: self.cache}, **self.ltk)
-        return out.logits[:, -1]
-
-    def prefill(self, ids, pmask):
-        logits = self._forward(ids, self.prefill_mask, position_ids(pmask))
-        if self.captured is not None:
-            self.captured[: ids.shape[0], : self.P] = self._last
-        return logits
-
-    def expand(self, G: int, N: int) -> None:
-        index = torch.arange(N, device=self.step_masks.device).repeat_interleave(G)
-        _select_cache_rows(self.cache, index)
-        if self.captured is not None:
-            self.captured[:, : self.P] = self.captured[:N, : self.P].index_select(0, index)
-
-    def keep(self, index: torch.Tensor) -> None:
-        _select_cache_rows(self.cache, index)
-        self.step_masks = self.step_masks[index]
-
-    def decode(self, tok, positions, t: int, rows):
-        step_mask = self.step_masks[:, :, t : t + 1] if self.static else self.step_masks[:, : self.P + t + 1]
-        logits = self._forward(tok[:, None], step_mask, positions)
-        if self.captured is not None:
-            self.captured[rows, self.P + t] = self._last[:, 0]
-        return logits
-
-
-class _LeanStepper:
-    """The same steps through `onelayer.rollout.lean.LeanDecoder` (Llama-family models, verified)."""
-
-    def __init__(self, model, pmask: torch.Tensor, G: int, T: int, capture: int | None, block_path: str | None):
-        N, P = pmask.shape
-        self.P = P
-        self.dec = LeanDecoder(model, N * G, P + T, capture)
-        self.captured = self.dec.captured
-        self.prefill_mask = causal_allowed(pmask)  # [N, 1, P, P]
-        # decode: a query sees every written slot except left padding; no padding, no mask needed
-        self.step_mask = None if bool(pmask.all()) else torch.cat(
-            [pmask.bool(), pmask.new_ones(N, T, dtype=torch.bool)], 1).repeat_interleave(G, 0)[:, None, None, :]
-
-    def close(self) -> None:
-        pass
-
-    def prefill(self, ids, pmask):
-        return self.dec.forward(ids, position_ids(pmask), 0, self.prefill_mask)
-
-    def expand(self, G: int, N: int) -> None:
-        index = torch.arange(N, device=self.prefill_mask.device).repeat_interleave(G)
-        self.dec.repeat_rows(index)
-        if self.captured is not None:
-            self.captured[:, : self.P] = self.captured[:N, : self.P].index_select(0, index)
-
-    def keep(self, index: torch.Tensor) -> None:
-        self.dec.repeat_rows(index)
-        if self.step_mask is not None:
-            self.step_mask = self.step_mask[index]
-
-    def decode(self, tok, positions, t: int, rows):
-        end = self.P + t + 1
-        mask = None if self.step_mask is None else self.step_mask[..., :end]
-        return self.dec.forward(tok[:, None], positions, self.P + t, mask, rows=rows)
 
 
 @torch.inference_mode()
@@ -411,7 +164,7 @@ def sample(
 
     `capture_block=l` also returns the hidden states entering decoder block l (`block_input`, for
     frozen-prefix reuse; `block_path` locates the blocks if discovery needs help). `lean=False` forces the
-    model's own forward even where `onelayer.rollout.lean` supports the architecture.
+    model's own forward even where `onelayer.policy` supports the architecture.
     """
     check_sampling_args(num_generations, max_new_tokens, temperature, top_p, greedy)
     was_training = model.training
@@ -426,66 +179,6 @@ def sample(
     # Tensors made under inference_mode cannot enter autograd (the training forward embeds input_ids):
     # hand back ordinary copies. They are small.
     return batch.map(torch.Tensor.clone)
-
-
-def _sequence_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    """Model inputs for whole sequences, with the rollout's mask and position conventions."""
-    mask4d = _mask_4d(attention_mask, 0, model)
-    return {"input_ids": input_ids, "attention_mask": attention_mask if mask4d is None else mask4d,
-            "position_ids": position_ids(attention_mask)}
-
-
-def sequence_block_input(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_index: int,
-                         block_path: str | None = None) -> torch.Tensor:
-    """The hidden states entering block `block_index` for whole sequences, as `sequence_logprobs` computes
-    them (no grad): for frozen-prefix reuse when the rollout did not capture them (e.g. multi-turn episodes)."""
-    return prefix.block_input(model, block_index, block_path=block_path, **_sequence_inputs(model, input_ids, attention_mask))
-
-
-def sequence_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_len: int,
-    *,
-    temperature: float = 1.0,
-    block_input: torch.Tensor | None = None,
-    block_index: int | None = None,
-    block_path: str | None = None,
-    prompt_index: torch.Tensor | None = None,
-    lean: bool = True,
-) -> torch.Tensor:
-    """Log-probs of tokens ``input_ids[:, prompt_len:]`` under ``log_softmax(logits / temperature)``.
-
-    One full forward (differentiable; gradients flow to whatever parameters require them). Only the logits
-    that predict completion tokens are computed, and each log-prob is taken as gathered logit − logsumexp,
-    without materialising a [B, T, V] log-softmax. Returns FloatTensor[B, T], 0 where attention_mask is 0.
-
-    With ``block_input`` (the hidden states entering block ``block_index``, e.g. captured by ``sample``),
-    the forward starts at that block (frozen-prefix reuse, ``onelayer.models.prefix``).
-
-    For Llama-family models (``onelayer.rollout.lean``, unless ``lean=False``) the forward runs on the
-    model's parameters directly and rows with the same ``prompt_index`` compute their shared prompt once.
-    """
-    T = input_ids.shape[1] - prompt_len
-    if T <= 0:
-        return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.float32)
-    if lean and (block_path is None or block_input is None) and lean_available(model):
-        return lean_sequence_logprobs(model, input_ids, attention_mask, prompt_len, prompt_index,
-                                      temperature=temperature, block_input=block_input, block_index=block_index)
-    _, has_ltk = _forward_kwargs(model)
-    start = contextlib.nullcontext() if block_input is None else prefix.start_at_block(
-        model, block_index, block_input, block_path)
-    with start:
-        out = model(**_sequence_inputs(model, input_ids, attention_mask), use_cache=False,
-                    **({"logits_to_keep": T + 1} if has_ltk else {}))
-    # Logits at positions P-1 .. P+T-2 predict tokens P .. P+T-1.
-    logits = out.logits[:, -(T + 1) : -1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    target = input_ids[:, prompt_len:]
-    logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    return logp.masked_fill(attention_mask[:, prompt_len:] == 0, 0.0)
 
 
 _STOP_IDS: dict = {}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from onelayer.io import atomic_write_json
 from onelayer.sweep.plan import Job, SweepSpec, make_spec, plan
-from onelayer.sweep.store import job_dir, job_status, reset_job, write_results
+from onelayer import rundir
+from onelayer.sweep.store import job_dir, write_results
 
 EXECUTORS = ("local", "processes", "ray")
 
@@ -102,13 +103,13 @@ def _run_jobs(jobs: list[Job], out: Path, *, executor, workers, retry_failed, lo
     from onelayer.sweep.executors import run_local, run_processes
 
     table = jobs_so_far or jobs
-    statuses = {j.id: job_status(job_dir(out, j.id)) for j in jobs}
+    statuses = {j.id: rundir.status(job_dir(out, j.id)) for j in jobs}
     # Unfinished and failed jobs resume from their last checkpoint; --retry-failed restarts failed ones afresh.
     todo = [j for j in jobs if statuses[j.id] != "done"]
     failed = [j for j in todo if statuses[j.id] == "failed"]
     if retry_failed:
         for job in failed:
-            reset_job(job_dir(out, job.id))
+            rundir.reset(job_dir(out, job.id))
     log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run"
         + (f" ({len(failed)} failed before: {'restarted from scratch' if retry_failed else 'resumed from their checkpoint'})" if failed else ""))
     prepare(todo, log=log)

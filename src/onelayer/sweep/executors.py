@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 from onelayer.io import atomic_write_json, atomic_write_text
-from onelayer.sweep.store import job_dir, job_status
+from onelayer import rundir
+from onelayer.sweep.store import job_dir
 
 
 def execute_job(job, out: str, threads: int | None = None, show_steps: bool = False) -> tuple[str, str]:
@@ -58,4 +59,4 @@ def run_processes(jobs, out: str, on_done, workers: int) -> None:
                 on_done(*fut.result())
             except cf.process.BrokenProcessPool as exc:  # a worker died (e.g. killed): record, move on
                 atomic_write_text(job_dir(Path(out), job.id) / "error.txt", f"worker process died: {exc}\n")
-                on_done(job.id, job_status(job_dir(Path(out), job.id)))
+                on_done(job.id, rundir.status(job_dir(Path(out), job.id)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from onelayer.config import ConfigError, TrainConfig, make_config
 from onelayer.models import model_num_layers
 from onelayer.models.layers import describe_layers, parse_layer_spec
-from onelayer.train.loop import config_hash
+from onelayer.rundir import config_hash
 
 
 @dataclass

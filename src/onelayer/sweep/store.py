@@ -1,8 +1,6 @@
 """The results store: one directory per job under OUT/jobs/, plus results.csv / results.parquet.
 
-A job directory is exactly a `onelayer train --out` directory (config.json, status.json,
-metrics.jsonl, eval.json, checkpoint/, model/), with error.txt added when the job failed. A job is
-done only when its eval.json is on disk.
+A job directory is exactly a run directory (`onelayer.rundir`), with error.txt added when the job failed.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ import csv
 import io
 from pathlib import Path
 
+from onelayer import rundir
 from onelayer.io import atomic_write_text, read_json
 
 RESULT_COLUMNS = ["job_id", "condition", "model", "task", "algo", "seed", "layers", "layer_indices", "num_layers",
@@ -24,28 +23,10 @@ def job_dir(out: Path, job_id: str) -> Path:
     return Path(out) / "jobs" / job_id
 
 
-def job_status(path: Path) -> str:
-    if (path / "eval.json").is_file() and (path / "status.json").is_file() and read_json(path / "status.json")["status"] == "done":
-        return "done"
-    if (path / "status.json").is_file():
-        return read_json(path / "status.json")["status"]
-    return "pending"
-
-
-def reset_job(path: Path) -> None:
-    """Forget a job's progress (checkpoint, metrics, status, error) so it starts from scratch."""
-    import shutil
-
-    for name in ("checkpoint", "model"):
-        shutil.rmtree(path / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "status.json", "error.txt", "base_eval.json", "eval.json", "attempts.json"):
-        (path / name).unlink(missing_ok=True)
-
-
 def result_row(out: Path, job) -> dict:
     path = job_dir(out, job.id)
     row = {"job_id": job.id, "condition": job.condition, "model": job.config.model, "task": job.config.task,
-           "algo": job.config.algo, "seed": job.seed, "layers": job.layers, "status": job_status(path)}
+           "algo": job.config.algo, "seed": job.seed, "layers": job.layers, "status": rundir.status(path)}
     if row["status"] == "done":
         ev = read_json(path / "eval.json")
         row.update(score=ev["score"], ci_low=ev["ci95"][0], ci_high=ev["ci95"][1], base_score=ev["base_score"],

@@ -10,8 +10,6 @@ in `onelayer.algos`; experience collection in `onelayer.train.experience`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import random
 import time
 from pathlib import Path
@@ -28,9 +26,9 @@ from onelayer.models.layers import (
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.models.prefix import reuse_block
-from onelayer.rollout import sample, sequence_block_input, sequence_logprobs
-from onelayer.rollout import kernels
-from onelayer.rollout.lean import forward_path
+from onelayer.rollout import sample
+from onelayer import rundir
+from onelayer.policy import forward_path, kernels, sequence_block_input, sequence_logprobs
 from onelayer.train.evaluate import task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.collapse import CollapseRule, check_collapse
@@ -44,12 +42,6 @@ from onelayer.train.setup import (
     check_backend, format_task, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
 )
 
-# Settings that may differ when a killed run is resumed (they do not change the result beyond float rounding).
-RESUME_FREE_KEYS = {"progress", "tensorboard", "threads", "eval_every", "save_every", "device", "prefix_reuse",
-                    "collapse_window", "collapse_fraction",
-                    "merge_duplicates"}
-
-
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); the message says what was kept."""
 
@@ -59,10 +51,10 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if _status(out) == "done" and (out / "eval.json").is_file():
+    if rundir.is_done(out):
         log(f"{out} is already done; not training again (remove it to rerun)")
         return read_json(out / "eval.json")
-    _check_resumable(cfg, out)
+    rundir.check_resumable(cfg, out)
     setup_torch(cfg)
     device = resolve_device(cfg.device)
 
@@ -103,10 +95,10 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     resolved = {**cfg.to_dict(), "scale_rewards": scale, "loss_type": loss_agg,
                 "model_source": str(source), "layer_indices": selection.indices, "num_layers": selection.num_layers,
                 "trainable_params": selection.trainable_params, "total_params": selection.total_params,
-                "task_options": task.options, "config_hash": config_hash(user_cfg),
+                "task_options": task.options, "config_hash": rundir.config_hash(user_cfg),
                 "precision": precision.describe(), "forward": forward}
     atomic_write_json(out / "config.json", resolved)
-    _set_status(out, "running")
+    rundir.set_status(out, "running")
 
     start_step = 0
     if optimizer is not None and (state := load_checkpoint(out / "checkpoint", model, optimizer)):
@@ -124,7 +116,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     def evaluate():
         with precision.autocast():
             return task_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)
-    base_scores = _cached(out / "base_eval.json", evaluate)
+    base_scores = rundir.cached_scores(out / "base_eval.json", evaluate)
     log(f"base score {_mean(base_scores):.1%} on {len(eval_items)} eval items")
 
     writer = _tensorboard(out) if cfg.tensorboard else None
@@ -206,7 +198,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
                         ref_logp=None if ref_logp is None else ref_logp[idx], norm_len=max_new, weights=weights,
                     )
                     if not torch.isfinite(loss):
-                        _set_status(out, "failed", error=f"non-finite loss at step {step}")
+                        rundir.set_status(out, "failed", error=f"non-finite loss at step {step}")
                         raise TrainingError(
                             f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint "
                             f"(every {cfg.save_every} steps) and metrics.jsonl are kept in {out}. "
@@ -245,7 +237,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
             checked = keeper is not None and is_check_step(step + 1, cfg.check_every, cfg.max_steps)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or checked:
                 # saved before the check, so a resumed run has the weights of every check it recorded
-                save_checkpoint(out / "checkpoint", model, optimizer, {"step": step + 1, "config_hash": config_hash(user_cfg)})
+                save_checkpoint(out / "checkpoint", model, optimizer, {"step": step + 1, "config_hash": rundir.config_hash(user_cfg)})
             if checked:
                 check(step + 1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}",
@@ -288,7 +280,7 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         atomic_write_json(tmp / TRAINED_FORMAT_FILE, {"prompt_format": cfg.prompt_format})  # eval's default
         replace_dir(tmp, out / "model")
     atomic_write_json(out / "eval.json", record)
-    _set_status(out, "done")
+    rundir.set_status(out, "done")
     log(f"cpu kernels: {kernels.summary()}")
     log(f"score {record['score']:.1%} (base {record['base_score']:.1%}), gain {record['gain']:+.1%} "
         f"95% CI [{record['gain_ci95'][0]:+.1%}, {record['gain_ci95'][1]:+.1%}]; "
@@ -310,39 +302,6 @@ def _merged(batch, advantages, idx, merge: bool):
     rows, weights, adv = merge_duplicate_rows(keys.cpu(), advantages[idx].cpu())
     device = advantages.device
     return idx[rows], weights.to(device), adv.to(device)
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _check_resumable(cfg: TrainConfig, out: Path) -> None:
-    if (out / "config.json").is_file():
-        old = read_json(out / "config.json").get("config_hash")
-        if old and old != config_hash(cfg):
-            raise ConfigError(
-                f"{out} already holds a run with a different config; use a new --out directory "
-                "or delete that one to start over"
-            )
-
-
-def _status(out: Path) -> str | None:
-    path = out / "status.json"
-    return read_json(path).get("status") if path.is_file() else None
-
-
-def _set_status(out: Path, status: str, **extra) -> None:
-    atomic_write_json(out / "status.json", {"status": status, "time": time.time(), **extra})
-
-
-def _cached(path: Path, compute):
-    """Per-item scores saved once, so a resumed run does not re-evaluate the base."""
-    if path.is_file():
-        return read_json(path)["item_scores"]
-    scores = compute()
-    atomic_write_json(path, {"item_scores": scores})
-    return scores
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -1,0 +1,164 @@
+"""The policy's training forward: log-probs of completion tokens for whole sequences, differentiable.
+
+`sequence_logprobs` is the training side of the numbers `onelayer.rollout.sample` reports, so the two agree
+to float precision. For Llama-family models it runs `lean_sequence_logprobs`, straight from the model's
+parameters with each prompt shared by G samples computed once; otherwise the model's own forward.
+`sequence_block_input` gives the hidden states entering a block (frozen-prefix reuse).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from onelayer.models import prefix
+from onelayer.policy.ops import _apply, _forward_kwargs, _mask_4d, _norm, causal_allowed, position_ids
+from onelayer.policy.support import lean_available
+
+
+def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                           prompt_index: torch.Tensor | None = None, *, temperature: float = 1.0,
+                           block_input: torch.Tensor | None = None, block_index: int | None = None) -> torch.Tensor:
+    """`rollout.sequence_logprobs` for Llama-family models, differentiable, with each prompt computed once.
+
+    Rows with the same `prompt_index` share their prompt (the G samples of one prompt): the prompt's
+    positions go through the blocks once, and each row's completion attends to that shared prompt's keys
+    and values (autograd sums the rows' gradients into it). All tokens of both parts run through the
+    linear and elementwise ops as one flat [tokens, H] matrix. With `block_input` the forward starts at
+    block `block_index` on those hidden states (frozen-prefix reuse). Returns FloatTensor[B, T].
+    """
+    inner = model.model
+    cfg = model.config
+    B, L = input_ids.shape
+    P, T = prompt_len, L - prompt_len
+    h = cfg.num_attention_heads
+    kvh = getattr(cfg, "num_key_value_heads", None) or h
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    device = input_ids.device
+
+    # one representative row per distinct prompt; `inv` maps every row to it
+    if prompt_index is None:
+        prompt_index = torch.arange(B, device=device)
+    _, inv = torch.unique(prompt_index, return_inverse=True)
+    rep = torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=device).scatter_(
+        0, inv.flip(0), torch.arange(B - 1, -1, -1, device=device))
+    if not torch.equal(input_ids[rep][inv, :P], input_ids[:, :P]):  # not actually shared: no sharing
+        inv, rep = torch.arange(B, device=device), torch.arange(B, device=device)
+    N = len(rep)
+    pmask = attention_mask[rep, :P].bool()
+    positions = position_ids(attention_mask)
+    pos = torch.cat([positions[rep, :P].reshape(-1), positions[:, P:].reshape(-1)])
+
+    if block_input is None:
+        start = 0
+        x = inner.embed_tokens(torch.cat([input_ids[rep, :P].reshape(-1), input_ids[:, P:].reshape(-1)]))
+    else:
+        start = block_index
+        x = torch.cat([block_input[rep, :P].reshape(N * P, -1), block_input[:, P:].reshape(B * T, -1)])
+    cos, sin = inner.rotary_emb(x[:1], pos[None])
+    cos, sin = cos[0][:, None], sin[0][:, None]  # [tokens, 1, d]
+
+    prompt_mask = causal_allowed(pmask)
+    ar_t = torch.arange(T, device=device)
+    comp_mask = torch.cat([pmask[inv][:, None, None, :].expand(B, 1, T, P),
+                           (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, T, T)], -1)  # [B, 1, T, P+T]
+    n_p = N * P
+
+    # rotate_half(x) * sin == roll(x, d/2) * sin with the first half's sign flipped: a roll has a cheap
+    # backward, where slicing + cat allocate and copy full-size gradients
+    half = d // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+    for block in inner.layers[start:]:
+        attn, mlp = block.self_attn, block.mlp
+        y = _norm(x, block.input_layernorm)
+        # separate projections: slicing one fused output would cost a full-size gradient copy per slice
+        q, k, v = (_apply(attn.q_proj, y).view(-1, h, d), _apply(attn.k_proj, y).view(-1, kvh, d),
+                   _apply(attn.v_proj, y).view(-1, kvh, d))
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = _norm(q, attn.q_norm), _norm(k, attn.k_norm)
+        q = q * cos + q.roll(half, -1) * sin
+        k = k * cos + k.roll(half, -1) * sin
+        # prompt tokens attend within their prompt; completion tokens to their prompt's and their own
+        kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
+        kc, vc = k[n_p:].view(B, T, kvh, d).transpose(1, 2), v[n_p:].view(B, T, kvh, d).transpose(1, 2)
+        ap = F.scaled_dot_product_attention(q[:n_p].view(N, P, h, d).transpose(1, 2), kp, vp, attn_mask=prompt_mask,
+                                            enable_gqa=kvh != h)
+        # index_select, not kp[inv]: its backward (index_add) sums the rows' gradients into their shared prompt
+        # in a fixed order; advanced indexing's accumulating backward did not on 2+ threads (runs drifted)
+        ac = F.scaled_dot_product_attention(q[n_p:].view(B, T, h, d).transpose(1, 2), torch.cat([kp.index_select(0, inv), kc], 2),
+                                            torch.cat([vp.index_select(0, inv), vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
+        a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * T, h * d)])
+        x = x + _apply(attn.o_proj, a)
+        y = _norm(x, block.post_attention_layernorm)
+        x = x + _apply(mlp.down_proj, F.silu(_apply(mlp.gate_proj, y)) * _apply(mlp.up_proj, y))
+
+    # positions P-1 .. P+T-2 predict tokens P .. P+T-1: the prompt's last position, then completion 0..T-2
+    last = torch.cat([x[:n_p].view(N, P, -1)[:, -1].index_select(0, inv)[:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
+    logits = _apply(model.lm_head, _norm(last, inner.norm)).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    target = input_ids[:, P:]
+    logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return logp.masked_fill(attention_mask[:, P:] == 0, 0.0)
+
+
+def _sequence_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Model inputs for whole sequences, with the rollout's mask and position conventions."""
+    mask4d = _mask_4d(attention_mask, 0, model)
+    return {"input_ids": input_ids, "attention_mask": attention_mask if mask4d is None else mask4d,
+            "position_ids": position_ids(attention_mask)}
+
+
+def sequence_block_input(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_index: int,
+                         block_path: str | None = None) -> torch.Tensor:
+    """The hidden states entering block `block_index` for whole sequences, as `sequence_logprobs` computes
+    them (no grad): for frozen-prefix reuse when the rollout did not capture them (e.g. multi-turn episodes)."""
+    return prefix.block_input(model, block_index, block_path=block_path, **_sequence_inputs(model, input_ids, attention_mask))
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    *,
+    temperature: float = 1.0,
+    block_input: torch.Tensor | None = None,
+    block_index: int | None = None,
+    block_path: str | None = None,
+    prompt_index: torch.Tensor | None = None,
+    lean: bool = True,
+) -> torch.Tensor:
+    """Log-probs of tokens ``input_ids[:, prompt_len:]`` under ``log_softmax(logits / temperature)``.
+
+    One full forward (differentiable; gradients flow to whatever parameters require them). Only the logits
+    that predict completion tokens are computed, and each log-prob is taken as gathered logit − logsumexp,
+    without materialising a [B, T, V] log-softmax. Returns FloatTensor[B, T], 0 where attention_mask is 0.
+
+    With ``block_input`` (the hidden states entering block ``block_index``, e.g. captured by ``sample``),
+    the forward starts at that block (frozen-prefix reuse, ``onelayer.models.prefix``).
+
+    For Llama-family models (``onelayer.policy``, unless ``lean=False``) the forward runs on the
+    model's parameters directly and rows with the same ``prompt_index`` compute their shared prompt once.
+    """
+    T = input_ids.shape[1] - prompt_len
+    if T <= 0:
+        return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.float32)
+    if lean and (block_path is None or block_input is None) and lean_available(model):
+        return lean_sequence_logprobs(model, input_ids, attention_mask, prompt_len, prompt_index,
+                                      temperature=temperature, block_input=block_input, block_index=block_index)
+    _, has_ltk = _forward_kwargs(model)
+    start = contextlib.nullcontext() if block_input is None else prefix.start_at_block(
+        model, block_index, block_input, block_path)
+    with start:
+        out = model(**_sequence_inputs(model, input_ids, attention_mask), use_cache=False,
+                    **({"logits_to_keep": T + 1} if has_ltk else {}))
+    # Logits at positions P-1 .. P+T-2 predict tokens P .. P+T-1.
+    logits = out.logits[:, -(T + 1) : -1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    target = input_ids[:, prompt_len:]
+    logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return logp.masked_fill(attention_mask[:, prompt_len:] == 0, 0.0)

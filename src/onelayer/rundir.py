@@ -1,0 +1,68 @@
+"""The run directory: what `onelayer train --out DIR` owns on disk, shared by the trainer and the sweep.
+
+A run directory holds config.json (with `config_hash`), status.json, metrics.jsonl, eval.json,
+checkpoint/ and model/ (plus error.txt when a sweep job failed). A sweep's job directory is exactly
+one. A run is done only when its eval.json is on disk and its status says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from onelayer.config import ConfigError, resume_free_keys
+from onelayer.io import atomic_write_json, read_json
+
+RESUME_FREE_KEYS = resume_free_keys()
+
+
+def config_hash(cfg) -> str:
+    """A short hash of every setting that changes the result (not the resume-free ones)."""
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_resumable(cfg, out: Path) -> None:
+    """A ConfigError if `out` already holds a run with a different config."""
+    if (out / "config.json").is_file():
+        old = read_json(out / "config.json").get("config_hash")
+        if old and old != config_hash(cfg):
+            raise ConfigError(
+                f"{out} already holds a run with a different config; use a new --out directory "
+                "or delete that one to start over"
+            )
+
+
+def status(out: Path) -> str:
+    """The status.json status (running, failed, done, ...), or 'pending' before the run started."""
+    path = Path(out) / "status.json"
+    return read_json(path)["status"] if path.is_file() else "pending"
+
+
+def is_done(out: Path) -> bool:
+    """Finished: the status says so and eval.json is on disk."""
+    return status(out) == "done" and (Path(out) / "eval.json").is_file()
+
+
+def set_status(out: Path, status: str, **extra) -> None:
+    atomic_write_json(Path(out) / "status.json", {"status": status, "time": time.time(), **extra})
+
+
+def reset(out: Path) -> None:
+    """Forget a run's progress (checkpoint, metrics, status, error) so it starts from scratch."""
+    for name in ("checkpoint", "model"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "status.json", "error.txt", "base_eval.json", "eval.json", "attempts.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def cached_scores(path: Path, compute):
+    """Per-item scores saved once, so a resumed run does not re-evaluate the base."""
+    if path.is_file():
+        return read_json(path)["item_scores"]
+    scores = compute()
+    atomic_write_json(path, {"item_scores": scores})
+    return scores
