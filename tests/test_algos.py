@@ -164,8 +164,42 @@ def test_anchor_group_stats():
     assert stats["mean_anchor_group_size"] == pytest.approx(1.4)
 
 
-def test_advantage_registry():
-    assert ADVANTAGES == {"group": group_advantages, "gigpo": gigpo_advantages}
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_every_registered_estimator_gives_zero_where_there_is_nothing_to_compare(name):
+    """The registry's contract: one advantage per row; 0 for a group of one and for a group whose episodes
+    all got the same reward; nonzero where rewards differ."""
+    est = ADVANTAGES[name]
+    traj, groups, anchors = T([0, 1, 2, 3, 4]), T([0, 0, 1, 1, 2]), ["a", "a", "b", "b", "c"]
+    adv = est.fn(T([1.0, 0.0, 0.5, 0.5, 1.0]), traj, groups, anchors, scale=est.scales[0], preset=get_preset("grpo"))
+    assert adv.shape == (5,) and torch.isfinite(adv).all()
+    assert adv[2:].abs().max() == 0 and adv[0] > 0 > adv[1]
+
+
+def test_a_registered_estimator_is_what_the_trainer_runs(tmp_path):
+    """Adding an estimator is one decorated function: `--advantage NAME` then runs it (docs/extending.md)."""
+    from onelayer.algos import advantage_estimator
+    from onelayer.config import TrainConfig
+    from onelayer.io import read_json, read_jsonl
+    from onelayer.train.loop import run
+
+    calls = []
+
+    @advantage_estimator("test_zero", scales=("none",))
+    def zero_advantages(step_rewards, traj_ids, group_ids, anchors, *, scale, preset):
+        calls.append((len(step_rewards), scale))
+        return torch.zeros(len(step_rewards))
+
+    try:
+        cfg = TrainConfig(advantage="test_zero", scale_rewards="none", warm_start=False, max_steps=1,
+                          prompts_per_step=2, num_generations=2, max_completion_length=4, task_opts={"n_eval": 4},
+                          progress=False, threads=1, save_model=False)
+        run(cfg, tmp_path / "run", log=lambda *_: None)
+    finally:
+        ADVANTAGES.pop("test_zero")
+    assert calls == [(4, "none")]
+    step = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert step["loss"] == 0 and step["grad_norm"] == 0  # zero advantages, beta 0: nothing to learn
+    assert read_json(tmp_path / "run" / "config.json")["advantage"] == "test_zero"
 
 
 # ----------------------------------------------------------------------------- policy loss

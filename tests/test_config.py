@@ -40,7 +40,7 @@ def test_yaml_errors(tmp_path):
 
 
 def test_gigpo_rejects_batch_scaling():
-    with pytest.raises(ConfigError, match="'scale_rewards': gigpo scales by group or not at all"):
+    with pytest.raises(ConfigError, match="'scale_rewards': the gigpo advantage estimator scales by group or none"):
         make_config({"algo": "gigpo", "scale_rewards": "batch"})
     assert make_config({"algo": "gigpo", "scale_rewards": "none"}).scale_rewards == "none"
 

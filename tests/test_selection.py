@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from onelayer.cli import main
-from onelayer.train.loop import warmup_lr
+from onelayer.train.update import warmup_lr
 from onelayer.train.selection import BestKeeper, holdout, is_check_step
 
 
@@ -62,9 +62,9 @@ def test_a_destroyed_policy_ends_with_the_base_weights(onelayer_cache, tmp_path)
 
 @pytest.mark.slow
 def test_checks_survive_a_failed_run_and_its_resume(onelayer_cache, tmp_path, monkeypatch):
-    import onelayer.train.loop as loop
+    import onelayer.train.update as update
 
-    real, calls = loop.policy_loss, {"n": 0}
+    real, calls = update.policy_loss, {"n": 0}
 
     def nan_after_six(*a, **kw):
         loss, stats = real(*a, **kw)
@@ -74,10 +74,10 @@ def test_checks_survive_a_failed_run_and_its_resume(onelayer_cache, tmp_path, mo
     out = tmp_path / "resume"
     args = ["train", "--out", str(out), *FAST, "--layers", "3", "--max-steps", "10", "--check-every", "4",
             "--save-every", "5"]
-    monkeypatch.setattr(loop, "policy_loss", nan_after_six)
+    monkeypatch.setattr(update, "policy_loss", nan_after_six)
     assert main(args) == 1  # fails at step 7: checks at 0 and 4 recorded, checkpoint at step 5
     assert [c["step"] for c in json.loads((out / "checks.json").read_text())] == [0, 4]
-    monkeypatch.setattr(loop, "policy_loss", real)
+    monkeypatch.setattr(update, "policy_loss", real)
     assert main(args) == 0
     rec = json.loads((out / "eval.json").read_text())
     assert [c["step"] for c in rec["checks"]] == [0, 4, 8, 10]

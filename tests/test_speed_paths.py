@@ -325,6 +325,8 @@ def test_trainer_drives_a_drop_in_sampler_like_vllm(tmp_path, monkeypatch):
     calls = {"sync": 0, "sample": 0}
 
     class FakeEngine:
+        captures_hidden_states = False
+
         def sync_weights(self, model):
             calls["sync"] += 1
             assert all(p.requires_grad == n.startswith("model.layers.3.") for n, p in model.named_parameters())

@@ -136,9 +136,9 @@ def test_killed_run_resumes_from_checkpoint(base_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(base_dir, tmp_path, monkeypatch):
-    import onelayer.train.loop as loop
+    import onelayer.train.update as update
 
-    real = loop.policy_loss
+    real = update.policy_loss
     calls = {"n": 0}
 
     def nan_after_five(*a, **kw):
@@ -146,7 +146,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(base_dir, tmp_path, mo
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 5 else loss), stats
 
-    monkeypatch.setattr(loop, "policy_loss", nan_after_five)
+    monkeypatch.setattr(update, "policy_loss", nan_after_five)
     out = tmp_path / "nan"
     code = main(["train", "--out", str(out), *FAST, "--layers", "3", "--max-steps", "20", "--save-every", "5"])
     assert code == 1

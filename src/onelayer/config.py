@@ -50,7 +50,10 @@ class TrainConfig:
     algo: str = _f("grpo", "algorithm preset: grpo, dr_grpo, gigpo (gigpo: agent tasks)")
     loss_type: str | None = _f(None, "override the preset's loss aggregation: seq-mean-token-mean, seq-mean-token-sum-norm, token-mean")
     scale_rewards: str | None = _f(None, "override the preset's advantage scaling: group, batch, none")
-    beta: float = _f(0.0, "KL coefficient (k3 estimator) against the initial policy; 0 disables the reference")
+    advantage: str | None = _f(None, "override the preset's advantage estimator (a name registered in "
+                                     "onelayer.algos.ADVANTAGES: group, gigpo)")
+    beta: float | None = _f(None, "KL coefficient (k3 estimator) against the initial policy; 0 disables the "
+                                  "reference; default: the preset's (0 for grpo, dr_grpo and gigpo)")
     epsilon: float = _f(0.2, "PPO clip range (lower, and upper unless epsilon_high is set)")
     epsilon_high: float | None = _f(None, "upper clip range (DAPO clip-higher); defaults to epsilon")
     num_iterations: int = _f(1, "update passes over each batch of rollouts")
@@ -167,7 +170,7 @@ def make_config(values: dict, cls=TrainConfig):
 
 
 def validate(cfg: TrainConfig) -> None:
-    from onelayer.algos import LOSS_AGGREGATIONS, PRESETS
+    from onelayer.algos import ADVANTAGES, LOSS_AGGREGATIONS, PRESETS, SCALES
     from onelayer.tasks.prompts import PROMPT_FORMATS
 
     def need(ok: bool, key: str, msg: str):
@@ -176,15 +179,18 @@ def validate(cfg: TrainConfig) -> None:
 
     need(cfg.algo in PRESETS, "algo", f"must be one of {', '.join(PRESETS)}")
     need(cfg.loss_type is None or cfg.loss_type in LOSS_AGGREGATIONS, "loss_type", f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
-    need(cfg.scale_rewards is None or cfg.scale_rewards in ("group", "batch", "none"), "scale_rewards", "must be group, batch or none")
-    need(cfg.algo != "gigpo" or cfg.scale_rewards != "batch", "scale_rewards",
-         "gigpo scales by group or not at all: use group or none")
+    need(cfg.advantage is None or cfg.advantage in ADVANTAGES, "advantage", f"must be one of {', '.join(ADVANTAGES)}")
+    need(cfg.scale_rewards is None or cfg.scale_rewards in SCALES, "scale_rewards", f"must be one of {', '.join(SCALES)}")
+    if cfg.algo in PRESETS and (cfg.advantage is None or cfg.advantage in ADVANTAGES):
+        estimator = ADVANTAGES[cfg.advantage or PRESETS[cfg.algo].advantage]
+        need(cfg.scale_rewards is None or cfg.scale_rewards in estimator.scales, "scale_rewards",
+             f"the {estimator.name} advantage estimator scales by {' or '.join(estimator.scales)}")
     need(cfg.num_generations >= 2, "num_generations", "must be at least 2 (group advantages need a group)")
     need(cfg.prompts_per_step is None or cfg.prompts_per_step >= 1, "prompts_per_step", "must be at least 1")
     need(cfg.max_steps is None or cfg.max_steps >= 0, "max_steps", "must be >= 0")
     need(cfg.num_iterations >= 1, "num_iterations", "must be >= 1")
     need(cfg.learning_rate is None or cfg.learning_rate > 0, "learning_rate", "must be > 0")
-    need(cfg.beta >= 0, "beta", "must be >= 0")
+    need(cfg.beta is None or cfg.beta >= 0, "beta", "must be >= 0")
     need(0 < cfg.epsilon < 1, "epsilon", "must be in (0, 1)")
     need(cfg.epsilon_high is None or cfg.epsilon_high > 0, "epsilon_high", "must be > 0")
     need(cfg.temperature > 0, "temperature", "must be > 0")

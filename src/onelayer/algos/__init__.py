@@ -5,6 +5,9 @@ Pure tensor functions with no I/O and no imports from the rest of the project.
 
 from onelayer.algos.advantages import (
     ADVANTAGES,
+    SCALES,
+    AdvantageEstimator,
+    advantage_estimator,
     anchor_group_stats,
     discounted_returns,
     episode_returns,
@@ -17,6 +20,9 @@ from onelayer.algos.presets import PRESETS, AlgoPreset, get_preset
 __all__ = [
     "ADVANTAGES",
     "LOSS_AGGREGATIONS",
+    "SCALES",
+    "AdvantageEstimator",
+    "advantage_estimator",
     "PRESETS",
     "AlgoPreset",
     "aggregate_loss",

@@ -2,17 +2,28 @@
 
 Pure tensor functions, no I/O. Groups are given as integer ids that need not be contiguous or sorted;
 every estimator gives 0 to members of a group of one and to groups whose values are all equal.
+
+The trainer reaches an estimator through `ADVANTAGES`, filled by the `advantage_estimator` decorator.
+Every registered estimator has one signature: per-row step rewards, episode (trajectory) ids, group ids
+and anchor-state keys in, one advantage per row out, with the reward scaling and the algorithm preset
+(for its own constants) as keywords:
+
+    @advantage_estimator("name", scales=("group", "none"))
+    def my_advantages(step_rewards, traj_ids, group_ids, anchors, *, scale, preset) -> Tensor: ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ADVANTAGES",
+    "AdvantageEstimator",
+    "advantage_estimator",
     "SCALES",
     "anchor_group_stats",
     "discounted_returns",
@@ -205,4 +216,41 @@ def anchor_group_stats(group_ids: Tensor, anchor_keys: Sequence[Hashable]) -> di
     }
 
 
-ADVANTAGES = {"group": group_advantages, "gigpo": gigpo_advantages}
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    name: str
+    fn: Callable[..., Tensor]
+    scales: tuple[str, ...]  # the reward scalings it supports (of SCALES)
+
+
+ADVANTAGES: dict[str, AdvantageEstimator] = {}
+
+
+def advantage_estimator(name: str, scales: Sequence[str] = SCALES):
+    """Register `fn(step_rewards, traj_ids, group_ids, anchors, *, scale, preset) -> Tensor[S]` as `name`."""
+    bad = [s for s in scales if s not in SCALES]
+    if bad:
+        raise ValueError(f"advantage estimator {name!r}: unknown scalings {bad}; valid: {', '.join(SCALES)}")
+
+    def register(fn):
+        ADVANTAGES[name] = AdvantageEstimator(name, fn, tuple(scales))
+        return fn
+    return register
+
+
+@advantage_estimator("group")
+def episode_group_advantages(step_rewards: Tensor, traj_ids: Tensor, group_ids: Tensor, anchors, *, scale: str,
+                             preset=None) -> Tensor:
+    """GRPO / Dr. GRPO: each episode's return against its group's (`group_advantages`), given to every row
+    of the episode (a single-turn completion is a one-row episode)."""
+    returns, traj_group, inverse = episode_returns(step_rewards, traj_ids, group_ids)
+    return group_advantages(returns, traj_group, scale=scale)[inverse]
+
+
+@advantage_estimator("gigpo", scales=("group", "none"))
+def gigpo_row_advantages(step_rewards: Tensor, traj_ids: Tensor, group_ids: Tensor, anchors, *, scale: str,
+                         preset=None) -> Tensor:
+    """GiGPO: episode-level plus anchor-state step-level advantages (`gigpo_advantages`), with the preset's
+    discount `gamma` and step weight `omega` (0.95 and 1 without a preset)."""
+    return gigpo_advantages(step_rewards, traj_ids, group_ids, anchors, gamma=getattr(preset, "gamma", 0.95),
+                            omega=getattr(preset, "omega", 1.0), scale=scale)

@@ -73,7 +73,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     except ImportError as e:
         raise BenchError(f"TRL is needed for the comparison ({e}); install it with pip install 'onelayer[bench]'") from None
     from onelayer.models.layers import select_layers
-    from onelayer.train.loop import optimizer_state_bytes
+    from onelayer.train.update import optimizer_state_bytes
 
     if spec.threads:
         torch.set_num_threads(spec.threads)

@@ -140,6 +140,8 @@ class VLLMSampler:
     Further keyword arguments go to ``vllm.LLM``.
     """
 
+    captures_hidden_states = False  # the engine hands out no hidden states (`rollout.sampler.Sampler`)
+
     def __init__(
         self,
         model_path: str | Path,

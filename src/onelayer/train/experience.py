@@ -2,9 +2,9 @@
 
 ``collect`` samples it: for a single-turn task, G completions per prompt, each a one-step episode
 whose group is its prompt; for an agent task, G episodes per seed (``onelayer.rollout.episodes``),
-one row per turn. ``advantages`` then applies the algorithm: GRPO / Dr. GRPO use episode-level group
-advantages (an episode's return against its group's, given to each of its rows); GiGPO adds the
-anchor-state step-level term (``onelayer.algos.gigpo_advantages``).
+one row per turn. ``advantages`` then applies the algorithm's registered estimator (``onelayer.algos.ADVANTAGES``):
+GRPO / Dr. GRPO use episode-level group advantages (an episode's return against its group's, given to
+each of its rows); GiGPO adds the anchor-state step-level term.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onelayer.algos import anchor_group_stats, episode_returns, gigpo_advantages, group_advantages
+from onelayer.algos import ADVANTAGES, anchor_group_stats, episode_returns
 from onelayer.rollout import RolloutBatch, sample, sample_texts
 from onelayer.rollout.episodes import play
 
@@ -64,8 +64,11 @@ def _mean_std(returns: torch.Tensor) -> dict:
     return {"reward_mean": returns.mean().item(), "reward_std": returns.std().item() if len(returns) > 1 else 0.0}
 
 
-def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = True) -> torch.Tensor:
-    """Per-row advantages of ``exp`` under ``preset`` (``scale`` overrides the preset's reward scaling).
+def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = True,
+               estimator: str | None = None) -> torch.Tensor:
+    """Per-row advantages of ``exp`` by the preset's registered estimator (``onelayer.algos.ADVANTAGES``;
+    ``estimator`` overrides it) under reward scaling ``scale``; the preset also supplies the estimator's
+    constants (GiGPO's gamma and omega).
 
     ``balance_episodes`` weights each row by S / (E · len(its episode)) (S rows, E episodes), so every
     episode carries the same total weight in the loss whatever its length. Without it, long failing
@@ -75,13 +78,10 @@ def advantages(exp: Experience, preset, scale: str, balance_episodes: bool = Tru
     depends only on its sign, so this is exactly a per-episode mean of the loss. Single-turn episodes
     have length 1: weight 1, no change.
     """
-    returns, traj_group, inverse = episode_returns(exp.step_rewards, exp.traj_ids, exp.group_ids)
-    if preset.advantage == "gigpo":
-        adv = gigpo_advantages(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, gamma=preset.gamma,
-                               omega=preset.omega, scale=scale)
-    else:  # episode level: each episode's return against its group's, given to every row of the episode
-        adv = group_advantages(returns, traj_group, scale=scale)[inverse]
+    adv = ADVANTAGES[estimator or preset.advantage].fn(exp.step_rewards, exp.traj_ids, exp.group_ids, exp.anchors, scale=scale,
+                                   preset=preset)
     if balance_episodes and len(adv):
+        _, _, inverse = episode_returns(exp.step_rewards, exp.traj_ids, exp.group_ids)
         lengths = torch.bincount(inverse)
         adv = adv * (len(adv) / (len(lengths) * lengths[inverse].float()))
     return adv

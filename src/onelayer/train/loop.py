@@ -1,10 +1,13 @@
 """The RL loop: one run of GRPO / Dr. GRPO / GiGPO that updates only the selected layers.
 
-Read top to bottom: set up (task, policy, layer selection, optimizer, resume) → evaluate the base →
-for each step: sample G completions per prompt (or play G episodes per seed, for agent tasks) and
-score them, compute advantages, run `num_iterations` clipped policy-gradient passes over minibatches,
-log → evaluate again → write `eval.json`, the model, and the frozen-tensor check. Algorithm math lives
-in `onelayer.algos`; experience collection in `onelayer.train.experience`.
+    state = setup(cfg, out)            # task, policy, layer selection, optimizer, resume, base eval
+    for step in steps:
+        metrics = rl_step(state, step) # rollout + reward -> advantages -> log-probs -> update
+        after_step(state, step, metrics)  # log, collapse guard, checkpoint, train-split check
+    record = finish(state)             # keep the best check, eval, eval.json, model/
+
+Algorithm math lives in `onelayer.algos`, experience collection in `onelayer.train.experience`, the
+update in `onelayer.train.update`, the run directory's files in `onelayer.rundir`.
 """
 
 from __future__ import annotations
@@ -12,63 +15,109 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from onelayer import tasks
-from onelayer.algos import get_preset, merge_duplicate_rows, policy_loss
+from onelayer import rundir, tasks
+from onelayer.algos import get_preset
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, replace_dir, write_jsonl
 from onelayer.models.layers import (
     copy_trainable, fingerprint_frozen, frozen_unchanged, select_layers, swap_weights, trainable_parameters,
 )
-from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
-from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.models.prefix import reuse_block
-from onelayer.rollout import sample
-from onelayer import rundir
 from onelayer.policy import forward_path, kernels, sequence_block_input, sequence_logprobs
-from onelayer.train.evaluate import task_scores
-from onelayer.train.experience import advantages as step_advantages
+from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
+from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
+from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.train.collapse import CollapseRule, check_collapse
 from onelayer.train.collapse import describe as describe_collapse
+from onelayer.train.evaluate import task_scores
+from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
-from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
 from onelayer.train.precision import Precision
 from onelayer.train.selection import BestKeeper, holdout, is_check_step
-from onelayer.train.warmstart import warm_start_info
 from onelayer.train.setup import (
     check_backend, format_task, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
 )
+from onelayer.train.update import TrainingError, optimizer_state_bytes, update, warmup_lr
+from onelayer.train.warmstart import warm_start_info
 
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. a non-finite loss); the message says what was kept."""
+
+@dataclass
+class RunState:
+    """Everything one run holds between its steps."""
+
+    cfg: TrainConfig  # with the task's defaults and the prompt format filled in
+    user_cfg: TrainConfig  # as given (its hash identifies the run)
+    out: Path
+    log: object
+    task: object
+    model: object
+    tok: object
+    source: object
+    device: str
+    algo: dict  # the preset's choices after overrides: advantage, scale, loss_agg, beta
+    selection: object
+    precision: Precision
+    forward: str
+    fingerprint: dict
+    ref_weights: dict | None
+    reuse_at: int | None
+    sampler: object  # `onelayer.rollout.sampler.Sampler`
+    params: list
+    optimizer: torch.optim.Optimizer | None
+    train_items: list
+    eval_items: list
+    check_items: list
+    keeper: BestKeeper | None
+    writer: object
+    start_step: int
+    base_scores: list
+    history: list
+    rule: CollapseRule
+    collapse: dict | None
+    elapsed: float
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def steps(self) -> range:
+        return range(self.start_step, self.cfg.max_steps) if self.optimizer is not None else range(0)
 
 
 def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
     """Train according to `cfg`, writing everything under `out`; returns the eval record."""
-    started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if rundir.is_done(out):
         log(f"{out} is already done; not training again (remove it to rerun)")
         return read_json(out / "eval.json")
+    state = setup(cfg, out, log)
+    with _progress(state.cfg, state.steps) as bar:
+        for step in bar:
+            metrics = rl_step(state, step)
+            after_step(state, step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}",
+                            **({"check": f"{state.keeper.checks[-1]['score']:.1%}"}
+                               if state.keeper and state.keeper.checks else {}))
+    return finish(state)
+
+
+def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
+    """Load the task and the policy, select the layers, resume from a checkpoint, and score the base."""
+    started = time.perf_counter()
     rundir.check_resumable(cfg, out)
     setup_torch(cfg)
     device = resolve_device(cfg.device)
-
     task = tasks.make(cfg.task, **cfg.task_opts)
     user_cfg, cfg = cfg, with_task_defaults(cfg, task)  # unset settings take the task's suggestions
-    preset = get_preset(cfg.algo)
-    scale = cfg.scale_rewards or preset.scale
-    loss_agg = cfg.loss_type or preset.loss_agg
-    max_new = cfg.max_completion_length
+    algo = resolve_algo(cfg)
     check_backend(cfg)
-    model, tok, source = load_model(cfg, task, max_new, device, log)
+    model, tok, source = load_model(cfg, task, cfg.max_completion_length, device, log)
     # prompts for this model: raw, few-shot or chat (a chat reply gets a longer default budget)
     task, cfg = format_task(cfg, task, tok, budget_given=user_cfg.max_completion_length is not None)
-    max_new = cfg.max_completion_length
 
     # `all` means full-parameter RL (embeddings, final norm, head too); any other spec trains blocks only.
     selection = select_layers(model, cfg.layers, block_path=cfg.block_path, train_embeddings=cfg.train_embeddings,
@@ -82,231 +131,204 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         forward = forward_path(model)  # lean, or the model's own with the reason
     log(f"precision: {precision.describe()}; forward: {forward}")
     fingerprint = fingerprint_frozen(model)
-    ref_weights = copy_trainable(model) if cfg.beta > 0 else None  # one copy of the trainable blocks only
+    ref_weights = copy_trainable(model) if algo["beta"] > 0 else None  # one copy of the trainable blocks only
     # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
     # are computed once per batch (captured during the rollout) and every later forward starts at block l
     reuse_at = reuse_block(model, cfg.block_path) if cfg.prefix_reuse else None
     if reuse_at is not None:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
-    sample_fn = rollout_sampler(cfg, model, tok, source, out)  # onelayer's sampler, or vLLM's
+    sampler = rollout_sampler(cfg, model, tok, source, out)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
-
-    resolved = {**cfg.to_dict(), "scale_rewards": scale, "loss_type": loss_agg,
-                "model_source": str(source), "layer_indices": selection.indices, "num_layers": selection.num_layers,
-                "trainable_params": selection.trainable_params, "total_params": selection.total_params,
-                "task_options": task.options, "config_hash": rundir.config_hash(user_cfg),
-                "precision": precision.describe(), "forward": forward}
-    atomic_write_json(out / "config.json", resolved)
+    atomic_write_json(out / "config.json", {
+        **cfg.to_dict(), "scale_rewards": algo["scale"], "loss_type": algo["loss_agg"], "beta": algo["beta"],
+        "advantage": algo["advantage"], "model_source": str(source), "layer_indices": selection.indices,
+        "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
+        "total_params": selection.total_params, "task_options": task.options,
+        "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward})
     rundir.set_status(out, "running")
 
     start_step = 0
-    if optimizer is not None and (state := load_checkpoint(out / "checkpoint", model, optimizer)):
-        start_step = state["step"]
+    if optimizer is not None and (saved := load_checkpoint(out / "checkpoint", model, optimizer)):
+        start_step = saved["step"]
         log(f"resuming from the checkpoint at step {start_step}")
     write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
-
     train_items, eval_items = task.items("train"), task.items("eval")
     # early stopping: a slice of the train split, never sampled for RL, scores the policy every few steps
     keeper, check_items = None, []
     if cfg.check_every and optimizer is not None:
         train_items, check_items = holdout(train_items, cfg.check_items)
         keeper = BestKeeper(out)
-
-    def evaluate():
-        with precision.autocast():
-            return task_scores(model.eval(), tok, task, eval_items, max_new_tokens=max_new)
-    base_scores = rundir.cached_scores(out / "base_eval.json", evaluate)
-    log(f"base score {_mean(base_scores):.1%} on {len(eval_items)} eval items")
-
-    writer = _tensorboard(out) if cfg.tensorboard else None
-
-    def check(step: int) -> float | None:  # the train-split check at `step`, if one is due there
-        if keeper is None or not is_check_step(step, cfg.check_every, cfg.max_steps) or keeper.checked(step):
-            return None
-        with precision.autocast():
-            score = _mean(task_scores(model.eval(), tok, task, check_items, max_new_tokens=max_new))
-        keeper.record(step, score, model)
-        if writer is not None:
-            writer.add_scalar("check/score", score, step)
-        return score
-
-    steps = range(start_step, cfg.max_steps) if optimizer is not None else range(0)
     history = read_jsonl(out / "metrics.jsonl")  # every step's metrics so far, for the collapse guard
-    elapsed = sum(m.get("seconds", 0.0) for m in history)
     rule = CollapseRule(window=cfg.collapse_window, fraction=cfg.collapse_fraction, patience=cfg.collapse_window)
-    collapse = check_collapse(history, rule)
-    check(start_step)  # the base (step 0), or a check a killed run had not recorded yet
-    with _progress(cfg, steps) as bar:
-        for step in bar:
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
-            rng = random.Random(cfg.seed * 1_000_003 + step)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            items = rng.sample(train_items, min(cfg.prompts_per_step, len(train_items)))
+    state = RunState(
+        cfg=cfg, user_cfg=user_cfg, out=out, log=log, task=task, model=model, tok=tok, source=source, device=device,
+        algo=algo, selection=selection, precision=precision, forward=forward, fingerprint=fingerprint,
+        ref_weights=ref_weights, reuse_at=reuse_at, sampler=sampler, params=params, optimizer=optimizer,
+        train_items=train_items, eval_items=eval_items, check_items=check_items, keeper=keeper,
+        writer=None, start_step=start_step, base_scores=[], history=history, rule=rule,
+        collapse=check_collapse(history, rule), elapsed=sum(m.get("seconds", 0.0) for m in history), started=started)
+    state.base_scores = rundir.cached_scores(out / "base_eval.json", lambda: evaluate(state, eval_items))
+    log(f"base score {_mean(state.base_scores):.1%} on {len(eval_items)} eval items")
+    state.writer = _tensorboard(out) if cfg.tensorboard else None
+    check(state, start_step)  # the base (step 0), or a check a killed run had not recorded yet
+    return state
 
-            # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the
-            # behaviour log-probs for the ratio, then advantages
-            if sample_fn is not sample:
-                sample_fn.sync_weights(model)  # push the updated trainable tensors into the engine
-            with precision.autocast():
-                exp = collect(model.eval(), tok, task, items, num_generations=cfg.num_generations,
-                              max_new_tokens=max_new, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen,
-                              sample_fn=sample_fn, block_path=cfg.block_path,
-                              # vLLM hands out no hidden states: then the prefix is computed once per batch below
-                              capture_block=reuse_at if sample_fn is sample else None)
-            batch = exp.batch
-            advantages = step_advantages(exp, preset, scale, cfg.balance_episodes).to(device)
-            t2 = time.perf_counter()
 
-            # log-probs: the frozen prefix's output (unless the rollout captured it), then the reference's
-            hidden = batch.block_input
-            if reuse_at is not None and hidden is None:
-                with precision.autocast():
-                    hidden = sequence_block_input(model, batch.input_ids, batch.attention_mask, reuse_at,
-                                                  cfg.block_path)
+def rl_step(s: RunState, step: int) -> dict:
+    """One RL step: sample and score, advantages, reference log-probs, update. Returns the step's metrics."""
+    cfg = s.cfg
+    t0 = time.perf_counter()
+    for group in s.optimizer.param_groups:
+        group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    items = rng.sample(s.train_items, min(cfg.prompts_per_step, len(s.train_items)))
 
-            def logprobs(idx):  # float32 log-probs; the forward under autocast when mixed
-                start = {} if reuse_at is None else {"block_input": hidden[idx], "block_index": reuse_at,
-                                                     "block_path": cfg.block_path}
-                with precision.autocast():
-                    return sequence_logprobs(model, batch.input_ids[idx], batch.attention_mask[idx],
-                                             batch.prompt_len, temperature=cfg.temperature,
-                                             prompt_index=batch.prompt_index[idx], **start)
+    # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the behaviour
+    # log-probs for the ratio, then advantages
+    s.sampler.sync_weights(s.model)  # a sampler with its own weights (vLLM) takes the updated ones
+    with s.precision.autocast():
+        exp = collect(s.model.eval(), s.tok, s.task, items, num_generations=cfg.num_generations,
+                      max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                      generator=gen, sample_fn=s.sampler, block_path=cfg.block_path,
+                      capture_block=s.reuse_at if s.sampler.captures_hidden_states else None)
+    batch = exp.batch
+    advantages = step_advantages(exp, get_preset(cfg.algo), s.algo["scale"], cfg.balance_episodes,
+                                 estimator=s.algo["advantage"]).to(s.device)
+    t2 = time.perf_counter()
 
-            ref_logp = None
-            if ref_weights is not None:
-                with torch.no_grad(), swap_weights(model, ref_weights):
-                    ref_logp = logprobs(slice(None))
-            t3 = time.perf_counter()
+    # log-probs: the frozen prefix's output (unless the rollout captured it), then the reference's
+    hidden = batch.block_input
+    if s.reuse_at is not None and hidden is None:
+        with s.precision.autocast():
+            hidden = sequence_block_input(s.model, batch.input_ids, batch.attention_mask, s.reuse_at, cfg.block_path)
 
-            # update: num_iterations passes of clipped policy gradient over minibatches
-            model.train()
-            n = batch.input_ids.shape[0]
-            mb = cfg.mini_batch_size or n
-            stats_sum: dict[str, float] = {}
-            updates, grad_norm, rows_run = 0, 0.0, 0
-            for _ in range(cfg.num_iterations):
-                for idx in torch.randperm(n, generator=gen).split(mb):
-                    idx, weights, adv = _merged(batch, advantages, idx, cfg.merge_duplicates)
-                    rows_run += len(idx)
-                    logp = logprobs(idx)
-                    loss, stats = policy_loss(
-                        logp, batch.logprobs[idx], adv, batch.completion_mask[idx],
-                        clip_eps=cfg.epsilon, clip_eps_high=cfg.epsilon_high, beta=cfg.beta, agg=loss_agg,
-                        ref_logp=None if ref_logp is None else ref_logp[idx], norm_len=max_new, weights=weights,
-                    )
-                    if not torch.isfinite(loss):
-                        rundir.set_status(out, "failed", error=f"non-finite loss at step {step}")
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at step {step}; the last checkpoint "
-                            f"(every {cfg.save_every} steps) and metrics.jsonl are kept in {out}. "
-                            "Try a lower learning_rate or check the reward function for NaN/inf."
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.max_grad_norm > 0:
-                        grad_norm += float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                    optimizer.step()
-                    updates += 1
-                    for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + v
-            t4 = time.perf_counter()
+    def logprobs(idx):  # float32 log-probs; the forward under autocast when mixed
+        start = {} if s.reuse_at is None else {"block_input": hidden[idx], "block_index": s.reuse_at,
+                                               "block_path": cfg.block_path}
+        with s.precision.autocast():
+            return sequence_logprobs(s.model, batch.input_ids[idx], batch.attention_mask[idx], batch.prompt_len,
+                                     temperature=cfg.temperature, prompt_index=batch.prompt_index[idx], **start)
 
-            elapsed += t4 - t0
-            metrics = {
-                "step": step + 1,
-                **exp.metrics,
-                **{k: v / updates for k, v in stats_sum.items()},
-                "grad_norm": grad_norm / updates,
-                "completion_len": batch.completion_lengths.float().mean().item(),
-                "update_rows": rows_run / (n * cfg.num_iterations),  # share of rows the update forward ran
-                "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": elapsed,
-                "optimizer_bytes": optimizer_state_bytes(optimizer),
-            }
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-                metrics["eval_score"] = _mean(evaluate())
-            append_jsonl(out / "metrics.jsonl", metrics)
-            history.append(metrics)
-            if collapse is None and (collapse := check_collapse(history, rule)) is not None:
-                log(f"warning: {describe_collapse(collapse)}; eval.json will record collapsed: true")
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"train/{k}", v, step + 1)
-            checked = keeper is not None and is_check_step(step + 1, cfg.check_every, cfg.max_steps)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or checked:
-                # saved before the check, so a resumed run has the weights of every check it recorded
-                save_checkpoint(out / "checkpoint", model, optimizer, {"step": step + 1, "config_hash": rundir.config_hash(user_cfg)})
-            if checked:
-                check(step + 1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}",
-                            **({"check": f"{keeper.checks[-1]['score']:.1%}"} if keeper and keeper.checks else {}))
+    ref_logp = None
+    if s.ref_weights is not None:
+        with torch.no_grad(), swap_weights(s.model, s.ref_weights):
+            ref_logp = logprobs(slice(None))
+    t3 = time.perf_counter()
 
-    selected = cfg.max_steps if optimizer is not None else 0
-    if keeper is not None and cfg.keep_best and keeper.best and keeper.best["step"] != selected:
-        keeper.restore(model)
-        last = next((c["score"] for c in keeper.checks if c["step"] == selected), float("nan"))
-        log(f"keeping the weights of step {keeper.best['step']}: train-split check {keeper.best['score']:.1%} "
-            f"vs {last:.1%} at step {selected} ({len(check_items)} held-out train items; the eval split is not used)")
-        selected = keeper.best["step"]
+    s.model.train()
+    try:
+        stats = update(cfg, s.optimizer, s.params, batch, advantages, logprobs, ref_logp, loss_agg=s.algo["loss_agg"],
+                       beta=s.algo["beta"], norm_len=cfg.max_completion_length, generator=gen)
+    except TrainingError as exc:
+        rundir.set_status(s.out, "failed", error=f"{exc} at step {step}")
+        raise TrainingError(f"{exc} at step {step}; the last checkpoint (every {cfg.save_every} steps) and "
+                            f"metrics.jsonl are kept in {s.out}. Try a lower learning_rate or check the reward "
+                            "function for NaN/inf.") from None
+    t4 = time.perf_counter()
+    s.elapsed += t4 - t0
+    return {"step": step + 1, **exp.metrics, **stats, "completion_len": batch.completion_lengths.float().mean().item(),
+            "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": s.elapsed,
+            "optimizer_bytes": optimizer_state_bytes(s.optimizer)}
 
-    scores = evaluate()
-    unchanged, changed = frozen_unchanged(model, fingerprint)
-    record = {
-        "score": _mean(scores), "ci95": bootstrap_ci(scores), "n": len(scores),
-        "task": cfg.task, "task_options": task.options, "model": cfg.model, "algo": cfg.algo, "seed": cfg.seed,
-        "layers": cfg.layers, "layer_indices": selection.indices, "num_layers": selection.num_layers,
-        "prompt_format": cfg.prompt_format, "precision": precision.describe(),
-        "trainable_params": selection.trainable_params, "total_params": selection.total_params,
-        "base_score": _mean(base_scores), "base_ci95": bootstrap_ci(base_scores),
-        "gain": _mean(scores) - _mean(base_scores), "gain_ci95": paired_bootstrap_ci(scores, base_scores),
-        "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
-        "collapsed": collapse is not None, "collapse": collapse,
-        "warm_start": warm_start_info(source) if (Path(str(source)) / "warmstart.json").is_file() else None,
-        "steps": cfg.max_steps if optimizer is not None else 0, "train_seconds": round(elapsed, 2),
-        "wall_seconds": round(time.perf_counter() - started, 2),  # this process: setup, evals, checks, training
-        "selected_step": selected, "checks": keeper.checks if keeper is not None else [],
-        "check_items": len(check_items),
-        "item_ids": [it["id"] for it in eval_items], "item_scores": scores, "base_item_scores": base_scores,
-    }
-    if writer is not None:
-        writer.add_scalar("eval/score", record["score"], cfg.max_steps)
-        writer.close()
+
+def after_step(s: RunState, step: int, metrics: dict) -> None:
+    """Log the step's metrics, watch for a collapse, checkpoint, and run the train-split check when due."""
+    cfg, done = s.cfg, step + 1
+    if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+        metrics["eval_score"] = _mean(evaluate(s, s.eval_items))
+    append_jsonl(s.out / "metrics.jsonl", metrics)
+    s.history.append(metrics)
+    if s.collapse is None and (collapse := check_collapse(s.history, s.rule)) is not None:
+        s.collapse = collapse
+        s.log(f"warning: {describe_collapse(collapse)}; eval.json will record collapsed: true")
+    if s.writer is not None:
+        for k, v in metrics.items():
+            s.writer.add_scalar(f"train/{k}", v, done)
+    checked = s.keeper is not None and is_check_step(done, cfg.check_every, cfg.max_steps)
+    if done % cfg.save_every == 0 or done == cfg.max_steps or checked:
+        # saved before the check, so a resumed run has the weights of every check it recorded
+        save_checkpoint(s.out / "checkpoint", s.model, s.optimizer,
+                        {"step": done, "config_hash": rundir.config_hash(s.user_cfg)})
+    if checked:
+        check(s, done)
+
+
+def finish(s: RunState) -> dict:
+    """Keep the best check's weights (if asked), score the eval split, and write eval.json and model/."""
+    cfg = s.cfg
+    selected = cfg.max_steps if s.optimizer is not None else 0
+    if s.keeper is not None and cfg.keep_best and s.keeper.best and s.keeper.best["step"] != selected:
+        s.keeper.restore(s.model)
+        last = next((c["score"] for c in s.keeper.checks if c["step"] == selected), float("nan"))
+        s.log(f"keeping the weights of step {s.keeper.best['step']}: train-split check {s.keeper.best['score']:.1%} "
+              f"vs {last:.1%} at step {selected} ({len(s.check_items)} held-out train items; the eval split is not used)")
+        selected = s.keeper.best["step"]
+    scores = evaluate(s, s.eval_items)
+    record = _record(s, scores, selected)
+    if s.writer is not None:
+        s.writer.add_scalar("eval/score", record["score"], cfg.max_steps)
+        s.writer.close()
     if cfg.save_model:
-        tmp = out / ".model.tmp"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        tmp = s.out / ".model.tmp"
+        s.model.save_pretrained(tmp)
+        s.tok.save_pretrained(tmp)
         atomic_write_json(tmp / TRAINED_FORMAT_FILE, {"prompt_format": cfg.prompt_format})  # eval's default
-        replace_dir(tmp, out / "model")
-    atomic_write_json(out / "eval.json", record)
-    rundir.set_status(out, "done")
-    log(f"cpu kernels: {kernels.summary()}")
-    log(f"score {record['score']:.1%} (base {record['base_score']:.1%}), gain {record['gain']:+.1%} "
-        f"95% CI [{record['gain_ci95'][0]:+.1%}, {record['gain_ci95'][1]:+.1%}]; "
-        f"frozen tensors unchanged: {unchanged}")
+        replace_dir(tmp, s.out / "model")
+    atomic_write_json(s.out / "eval.json", record)
+    rundir.set_status(s.out, "done")
+    s.log(f"cpu kernels: {kernels.summary()}")
+    s.log(f"score {record['score']:.1%} (base {record['base_score']:.1%}), gain {record['gain']:+.1%} "
+          f"95% CI [{record['gain_ci95'][0]:+.1%}, {record['gain_ci95'][1]:+.1%}]; "
+          f"frozen tensors unchanged: {record['frozen_unchanged']}")
     return record
 
 
-def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
-    """The learning rate of (0-based) `step`: rising linearly to `lr` over the first `warmup_steps` steps."""
-    return lr if step >= warmup_steps else lr * (step + 1) / warmup_steps
+def resolve_algo(cfg: TrainConfig) -> dict:
+    """The algorithm preset's choices with the config's overrides applied."""
+    preset = get_preset(cfg.algo)
+    return {"advantage": cfg.advantage or preset.advantage, "scale": cfg.scale_rewards or preset.scale,
+            "loss_agg": cfg.loss_type or preset.loss_agg, "beta": preset.beta if cfg.beta is None else cfg.beta}
 
 
-def _merged(batch, advantages, idx, merge: bool):
-    """The rows of minibatch `idx` the update runs, their weights and advantages: duplicates merged
-    (``algos.merge_duplicate_rows``) when `merge` and the advantages are per row, else all of them."""
-    if not merge or advantages.dim() != 1:
-        return idx, None, advantages[idx]
-    keys = torch.cat([batch.input_ids[idx], batch.attention_mask[idx], batch.completion_mask[idx].long()], 1)
-    rows, weights, adv = merge_duplicate_rows(keys.cpu(), advantages[idx].cpu())
-    device = advantages.device
-    return idx[rows], weights.to(device), adv.to(device)
+def evaluate(s: RunState, items: list[dict]) -> list[float]:
+    """Per-item scores of the current policy on `items` (eval split or the train-split check)."""
+    with s.precision.autocast():
+        return task_scores(s.model.eval(), s.tok, s.task, items, max_new_tokens=s.cfg.max_completion_length)
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes held by the optimizer's state (AdamW: two moments per trainable tensor)."""
-    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+def check(s: RunState, step: int) -> float | None:
+    """The train-split check at `step`, if one is due there and not recorded yet."""
+    if s.keeper is None or not is_check_step(step, s.cfg.check_every, s.cfg.max_steps) or s.keeper.checked(step):
+        return None
+    score = _mean(evaluate(s, s.check_items))
+    s.keeper.record(step, score, s.model)
+    if s.writer is not None:
+        s.writer.add_scalar("check/score", score, step)
+    return score
+
+
+def _record(s: RunState, scores: list[float], selected: int) -> dict:
+    cfg, sel, base = s.cfg, s.selection, s.base_scores
+    unchanged, changed = frozen_unchanged(s.model, s.fingerprint)
+    return {
+        "score": _mean(scores), "ci95": bootstrap_ci(scores), "n": len(scores),
+        "task": cfg.task, "task_options": s.task.options, "model": cfg.model, "algo": cfg.algo, "seed": cfg.seed,
+        "layers": cfg.layers, "layer_indices": sel.indices, "num_layers": sel.num_layers,
+        "prompt_format": cfg.prompt_format, "precision": s.precision.describe(), "forward": s.forward,
+        "trainable_params": sel.trainable_params, "total_params": sel.total_params,
+        "base_score": _mean(base), "base_ci95": bootstrap_ci(base),
+        "gain": _mean(scores) - _mean(base), "gain_ci95": paired_bootstrap_ci(scores, base),
+        "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
+        "collapsed": s.collapse is not None, "collapse": s.collapse,
+        "warm_start": warm_start_info(s.source) if (Path(str(s.source)) / "warmstart.json").is_file() else None,
+        "steps": cfg.max_steps if s.optimizer is not None else 0, "train_seconds": round(s.elapsed, 2),
+        "wall_seconds": round(time.perf_counter() - s.started, 2),  # this process: setup, evals, checks, training
+        "selected_step": selected, "checks": s.keeper.checks if s.keeper is not None else [],
+        "check_items": len(s.check_items),
+        "item_ids": [it["id"] for it in s.eval_items], "item_scores": scores, "base_item_scores": base,
+    }
 
 
 def _mean(xs) -> float:

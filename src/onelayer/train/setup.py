@@ -10,7 +10,7 @@ import torch
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers, resolve_real
 from onelayer.models.layers import parse_layer_spec
-from onelayer.rollout import sample
+from onelayer.rollout.sampler import LocalSampler
 from onelayer.train.warmstart import warm_started
 
 
@@ -65,10 +65,11 @@ def check_backend(cfg: TrainConfig) -> None:
 
 
 def rollout_sampler(cfg: TrainConfig, model, tok, source, out):
-    """The rollout's sampler: onelayer's own `rollout.sample`, or a colocated vLLM engine started from the
-    policy's weights (the trainer pushes the trainable tensors into it before each rollout)."""
+    """The rollout's sampler (`rollout.sampler.Sampler`): onelayer's own on the policy, or a colocated vLLM
+    engine started from the policy's weights (the trainer pushes the trainable tensors into it before each
+    rollout)."""
     if cfg.rollout_backend == "hf":
-        return sample
+        return LocalSampler()
     from onelayer.rollout.vllm_backend import VLLMSampler, policy_dir
 
     return VLLMSampler(policy_dir(model, tok, str(source), out / "vllm_init"), dtype=cfg.dtype,
