@@ -17,8 +17,8 @@ import statistics
 import time
 from collections import Counter
 
-from onelayer.tasks import sandbox
-from onelayer.tasks.codedata import HumanEvalTask
+from onelayer import sandbox
+from onelayer.tasks.code import HumanEvalTask
 
 
 def timed(jobs, workers, reps):

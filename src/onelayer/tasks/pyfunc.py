@@ -38,7 +38,7 @@ import random
 import string
 
 from .base import TaskError, check_split
-from .codedata import CodeTask
+from .code import CodeTask
 
 HEADER = "def f(x):return "
 EVAL_MODULUS = 5

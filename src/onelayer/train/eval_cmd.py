@@ -2,7 +2,7 @@
 
 The score is the mean greedy score. With ``samples=n`` > 1 it also samples n completions per item (at
 the config's temperature and top-p) and reports pass@k for every k in ``pass_k`` up to n, by the
-unbiased estimator (``onelayer.tasks.codedata.pass_at_k``); a sample passes when it scores 1.0.
+unbiased estimator (``onelayer.stats.pass_at_k``); a sample passes when it scores 1.0.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from pathlib import Path
 from onelayer import tasks
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import atomic_write_json
-from onelayer.stats import bootstrap_ci
-from onelayer.tasks.codedata import mean_pass_at_k
+from onelayer.stats import bootstrap_ci, mean_pass_at_k
 from onelayer.train.evaluate import sampled_pass_counts, task_scores
 from onelayer.train.precision import Precision
 from onelayer.train.setup import completion_budget, format_task, load_model, resolve_device, setup_torch

@@ -1,6 +1,6 @@
 """The process tree inside the code sandbox; standard library only, run as ``python -c <this file>``.
 
-``onelayer.tasks.sandbox`` starts this script (inside fresh namespaces where the machine allows) with a
+``onelayer.sandbox.batch`` starts this script (inside fresh namespaces where the machine allows) with a
 JSON config as its only argument. Nothing secret is on the command line: the programs and the tests
 arrive on two separate pipes, and verdicts leave on a third.
 
