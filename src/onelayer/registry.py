@@ -36,19 +36,25 @@ class Registry:
             raise ValueError(f"{self.kind} {name!r} is already registered (pass overwrite=True to replace it)")
         self._factories[name] = factory
 
+    def factories(self) -> dict[str, Callable]:
+        """Every name and its factory (a subclass may add names registered elsewhere)."""
+        return self._factories
+
     def names(self) -> list[str]:
         """The registered names, sorted."""
-        return sorted(self._factories)
+        return sorted(self.factories())
 
     def options(self, name: str) -> list[str] | None:
         """The option names ``name``'s factory accepts (None: any, or ``name`` is not registered)."""
-        return option_names(self._factories[name]) if name in self._factories else None
+        factories = self.factories()
+        return option_names(factories[name]) if name in factories else None
 
     def make(self, name: str, **options):
         """Build ``name`` with ``options``; unknown names and options raise ``error`` naming the valid ones."""
-        if name not in self._factories:
+        factories = self.factories()
+        if name not in factories:
             raise self.error(f"unknown {self.kind} {name!r}; registered {self.plural}: {', '.join(self.names())}")
-        factory = self._factories[name]
+        factory = factories[name]
         valid = option_names(factory)
         if valid is not None:
             for key in options:

@@ -17,7 +17,8 @@ from onelayer.policy.decoder import LeanDecoder
 from onelayer.policy.ops import causal_allowed, position_ids
 
 SUPPORTED_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+# per model object: None when the lean paths matched its forward on the probe, else why they did not
+_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
 def lean_support(model) -> str | None:
@@ -58,10 +59,9 @@ def lean_support(model) -> str | None:
     return None
 
 
-def _verified(model, tol: float) -> bool:
-    """Do the lean paths (sampling: prefill and one decode step; training) give the model's own numbers on a
-    small probe (left padding, shared prompts)?
-    Checked once per model object."""
+def _verified(model, tol: float) -> str | None:
+    """None when the lean paths (sampling: prefill and one decode step; training) give the model's own
+    numbers on a small probe (left padding, shared prompts), else why not. Checked once per model object."""
     if model in _VERIFIED:
         return _VERIFIED[model]
     from onelayer.policy.forward import lean_sequence_logprobs  # the forward dispatches on this module
@@ -89,10 +89,11 @@ def _verified(model, tol: float) -> bool:
             got = lean_sequence_logprobs(model, rows, rmask, 3, torch.tensor([0, 0, 1, 1], device=device))
             want = torch.log_softmax(ref[:, 2:5], -1).gather(-1, ids[:, 3:, None]).squeeze(-1).repeat_interleave(2, 0)
             ok = ok and bool((got - want).abs().max() <= tol * scale)
-    except Exception:  # noqa: BLE001 - any failure means: use the model's own forward
-        ok = False
-    _VERIFIED[model] = ok
-    return ok
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the model's own forward, saying why
+        _VERIFIED[model] = f"the probe batch raised {type(exc).__name__}: {str(exc)[:200]}"
+        return _VERIFIED[model]
+    _VERIFIED[model] = None if ok else "its logits did not match the model's own forward on the probe batch"
+    return _VERIFIED[model]
 
 
 def lean_available(model) -> bool:
@@ -110,9 +111,7 @@ def _runtime_reason(model) -> str | None:
         return "autocast (mixed precision) is on: the model's own forward follows its casting rules"
     if any(q.dtype != p.dtype for q in model.parameters()):
         return "parameters of several dtypes (mixed precision)"
-    if not _verified(model, 1e-4 if p.dtype == torch.float32 else 3e-2):
-        return "its logits did not match the model's own forward on the probe batch"
-    return None
+    return _verified(model, 1e-4 if p.dtype == torch.float32 else 3e-2)
 
 
 def forward_path(model) -> str:

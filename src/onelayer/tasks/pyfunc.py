@@ -33,11 +33,10 @@ rate; ``reward="fraction"`` gives the share that hold.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import string
 
-from .base import TaskError, check_split
+from .base import TaskError, check_split, hash_split_is_eval
 from .code import CodeTask
 
 HEADER = "def f(x):return "
@@ -83,8 +82,8 @@ def _expr(name: str, k: int) -> str:
 
 
 def is_eval_problem(canonical: str) -> bool:
-    h = int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
-    return h % EVAL_MODULUS == 0
+    """Whether a canonical function (its expression) belongs to the eval split."""
+    return hash_split_is_eval(canonical, EVAL_MODULUS)
 
 
 class PyFuncTask(CodeTask):

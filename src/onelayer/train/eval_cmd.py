@@ -13,6 +13,7 @@ from onelayer import tasks
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import atomic_write_json
 from onelayer.stats import bootstrap_ci, mean_pass_at_k
+from onelayer.tasks.agent import is_agent
 from onelayer.train.evaluate import sampled_pass_counts, task_scores
 from onelayer.train.precision import Precision
 from onelayer.train.setup import completion_budget, format_task, load_model, resolve_device, setup_torch
@@ -22,7 +23,7 @@ def evaluate_model(cfg: TrainConfig, out: str | Path, *, batch_size: int = 256, 
                    pass_k: tuple[int, ...] = (1, 10, 100), log=print) -> dict:
     setup_torch(cfg)
     task = tasks.make(cfg.task, **cfg.task_opts)
-    if samples > 1 and getattr(task, "is_agent", False):
+    if samples > 1 and is_agent(task):
         raise ConfigError(f"--samples applies to single-turn tasks; {cfg.task} is an agent task (its score is the "
                           "success rate over held-out seeds; set episodes per seed with --task-opt eval_samples=N)")
     max_new = completion_budget(cfg, task)

@@ -7,11 +7,12 @@ import torch
 
 from onelayer.rollout import sample_texts
 from onelayer.rollout.episodes import play
+from onelayer.tasks.agent import is_agent
 
 
 def task_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, batch_size: int = 256) -> list[float]:
     """Per-item eval scores: greedy completions for single-turn tasks, greedy episodes (won = 1.0) for agents."""
-    score = success_scores if getattr(task, "is_agent", False) else greedy_scores
+    score = success_scores if is_agent(task) else greedy_scores
     return score(model, tok, task, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
@@ -23,7 +24,7 @@ def greedy_scores(model, tok, task, items: list[dict], *, max_new_tokens: int, b
         chunk = items[i : i + batch_size]
         _, completions = sample_texts(model, tok, [it["prompt"] for it in chunk], num_generations=1,
                                       max_new_tokens=max_new_tokens, greedy=True,
-                                      stop_strings=getattr(task, "stop_strings", ()))
+                                      stop_strings=task.stop_strings)
         scores.extend(float(s) for s in task.score_batch(chunk, completions))
     return scores
 
@@ -39,7 +40,7 @@ def sampled_pass_counts(model, tok, task, items: list[dict], *, n: int, max_new_
         chunk = items[i : i + per_batch]
         _, completions = sample_texts(model, tok, [it["prompt"] for it in chunk], num_generations=n,
                                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      generator=gen, stop_strings=getattr(task, "stop_strings", ()))
+                                      generator=gen, stop_strings=task.stop_strings)
         repeated = [it for it in chunk for _ in range(n)]  # sample() groups the n completions of a prompt
         scores = task.score_batch(repeated, completions)
         counts.extend(sum(1 for s in scores[j * n:(j + 1) * n] if s >= 1.0) for j in range(len(chunk)))

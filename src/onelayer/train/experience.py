@@ -17,6 +17,7 @@ import torch
 from onelayer.algos import ADVANTAGES, anchor_group_stats, episode_returns
 from onelayer.rollout import RolloutBatch, sample, sample_texts
 from onelayer.rollout.episodes import play
+from onelayer.tasks.agent import is_agent
 
 
 @dataclass
@@ -36,7 +37,7 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
     vLLM sampler). `capture_block`: also keep the hidden states entering that block (frozen-prefix reuse;
     single-turn rollouts with `rollout.sample` capture them while sampling, episodes do not)."""
     t0 = time.perf_counter()
-    if getattr(task, "is_agent", False):
+    if is_agent(task):
         eps = play(model, tok, task, [it["seed"] for it in items], num_generations=num_generations,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
                    sample_fn=sample_fn)
@@ -49,7 +50,7 @@ def collect(model, tok, task, items: list[dict], *, num_generations: int, max_ne
         return Experience(eps.batch, eps.step_rewards, eps.traj_ids, eps.group_ids, eps.anchors, metrics)
     capture = {"capture_block": capture_block, "block_path": block_path} if capture_block is not None else {}
     batch, completions = sample_texts(model, tok, [it["prompt"] for it in items], sample_fn=sample_fn,
-                                      stop_strings=getattr(task, "stop_strings", ()), num_generations=num_generations,
+                                      stop_strings=task.stop_strings, num_generations=num_generations,
                                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       generator=generator, **capture)
     t1 = time.perf_counter()

@@ -16,7 +16,7 @@ from onelayer.train.warmstart import warm_started
 
 def completion_budget(cfg: TrainConfig, task, ignore_config: bool = False) -> int:
     """Max new tokens per completion: the config's value, else the task's suggestion, else 64."""
-    return (None if ignore_config else cfg.max_completion_length) or getattr(task, "max_completion_length", 64)
+    return (None if ignore_config else cfg.max_completion_length) or task.max_completion_length
 
 
 # onelayer's defaults for the settings a task may suggest its own values for (``task.train_defaults``)
@@ -28,7 +28,7 @@ def with_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
 
     Settings given explicitly always win. The completion budget is filled the same way.
     """
-    suggested = getattr(task, "train_defaults", {})
+    suggested = task.train_defaults
     changes = {k: suggested.get(k, v) for k, v in TASK_TUNABLE.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **changes, max_completion_length=completion_budget(cfg, task))
 

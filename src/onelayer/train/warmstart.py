@@ -46,7 +46,7 @@ class WarmStartSettings:
 
 def settings_for(task) -> WarmStartSettings:
     """Tasks may tune the band via a `warm_start` attribute (a dict of WarmStartSettings fields)."""
-    return WarmStartSettings(**getattr(task, "warm_start", {}))
+    return WarmStartSettings(**task.warm_start)
 
 
 def cache_dir(model_name: str, task, settings: WarmStartSettings) -> Path:
