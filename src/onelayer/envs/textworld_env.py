@@ -64,10 +64,9 @@ process with ``PYTHONHASHSEED=0`` (TextWorld's output depends on set iteration o
 unpinned hash seed makes the same seed give different games in different processes); it writes into
 a temporary directory renamed into place when complete, under a ``fcntl`` lock, so parallel workers
 generate each game once. A seed for which TextWorld cannot build a quest (``tw-treasure_hunter``
-sometimes) is retried with ``seed + k * 7919`` for k = 1, 2, ... (deterministic). Generation takes
-about 2-3.5 s per game (``tw-treasure_hunter`` hard levels up to a minute: level 30 took 34 s);
-starting a cached game 0.02-0.25 s, a step 2-10 ms. At most ``max_open_games`` (4) started
-games are kept per environment (least recently used is closed).
+sometimes) is retried with ``seed + k * 7919`` for k = 1, 2, ... (deterministic). Generation costs
+seconds per game, starting a cached one a fraction of that (README, Tasks). At most ``max_open_games``
+(4) started games are kept per environment (least recently used is closed).
 
 Turns
 -----

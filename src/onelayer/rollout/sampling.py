@@ -21,7 +21,7 @@ Why it is faster than `model.generate` for GRPO-shaped batches:
   of the compute for short completions);
 * the 4-D attention mask is built once for the whole rollout and sliced each step, instead of being rebuilt
   by the model on every call, and keys/values go into a preallocated StaticCache (no per-step torch.cat);
-* on CPU, one-token decode attention uses torch's math SDPA kernel, about twice as fast there as the fused one;
+* on CPU, one-token decode attention uses torch's math SDPA kernel, faster there than the fused one;
 * no logits processors, stopping criteria or per-step bookkeeping beyond a few tensor ops;
 * rows that have finished are dropped from the batch (and the cache) once enough of them have finished.
 """

@@ -24,13 +24,11 @@ and costs ``invalid_penalty`` reward. An episode ends when the environment says 
 Evaluation: the score of a held-out seed is the share of ``eval_samples`` episodes won (default 4,
 sampled at ``eval_temperature`` 1.0 — the policy RL trains — from a fixed generator seed, so a model's
 score is reproducible); ``eval_samples=0`` plays one greedy episode instead. Greedy decoding of a
-sampled-trained policy can fall into deterministic loops: on ``grid`` we measured greedy success fall
-from 46.5 % to 34.5 % over a GiGPO run while the sampled success rose from 48 % to about 68 %.
+sampled-trained policy can fall into deterministic loops (README, Tasks).
 
 Options: ``history`` (H, the number of past (observation, action) pairs shown; default 0 for Markov
 environments like ``grid``, 2 otherwise), ``max_turns`` (default: the environment's ``max_turns``,
-else 20), ``invalid_penalty`` (default 0.1; without it the invalid-action rate of the warm-started grid
-policy rose under RL from 38 % to 43 % in 30 steps and success fell), ``n_train`` / ``n_eval`` (seeds per split), ``seed``
+else 20), ``invalid_penalty`` (default 0.1; README, Tasks), ``n_train`` / ``n_eval`` (seeds per split), ``seed``
 (which seeds), ``demo_noise`` (share of random actions in warm-start demonstrations, default 0.3),
 ``max_obs_chars`` (observations are cut to their last N characters in prompts, default 400),
 ``eval_samples`` / ``eval_temperature`` (above).
