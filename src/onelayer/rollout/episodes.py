@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from onelayer.rollout.sampling import RolloutBatch, decode_completions, encode_prompts, sample
+from onelayer.rollout.batch import RolloutBatch
+from onelayer.rollout.sampling import decode_completions, encode_prompts, sample
 
 
 @dataclass

@@ -44,7 +44,9 @@ from pathlib import Path
 
 import torch
 
-from onelayer.rollout.sampling import RolloutBatch, check_sampling_args, left_pad, sequence_logprobs
+from onelayer.policy import sequence_logprobs
+from onelayer.rollout.batch import RolloutBatch, left_pad
+from onelayer.rollout.sampling import check_sampling_args
 
 __all__ = ["VLLM_MISSING", "VLLMSampler", "outputs_to_batch", "policy_dir", "require_vllm", "vllm_available"]
 
