@@ -5,16 +5,13 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from onelayer.models.layer_spec import LayerSpecError, describe_layers, middle_layers, parse_layer_spec
 from onelayer.models.layers import (
-    LayerSpecError,
     copy_trainable,
     count_parameters,
-    describe_layers,
     find_blocks,
     fingerprint_frozen,
     frozen_unchanged,
-    middle_layers,
-    parse_layer_spec,
     select_layers,
     swap_weights,
     trainable_parameters,

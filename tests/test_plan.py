@@ -10,7 +10,8 @@ import torch
 from onelayer.cli import main
 from onelayer.config import ConfigError
 from onelayer.models import ModelError, build_tiny
-from onelayer.models.layers import LayerSpecError, copy_trainable, find_blocks, select_layers, trainable_parameters
+from onelayer.models.layer_spec import LayerSpecError
+from onelayer.models.layers import copy_trainable, find_blocks, select_layers, trainable_parameters
 from onelayer.models.plan import (
     activation_elements_per_token_per_block,
     block_shape,

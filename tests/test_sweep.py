@@ -14,7 +14,7 @@ import pytest
 from onelayer import tasks
 from onelayer.cli import main
 from onelayer.config import ConfigError
-from onelayer.models.layers import LayerSpecError
+from onelayer.models.layer_spec import LayerSpecError
 from onelayer.sweep import make_spec, plan
 from onelayer.train.warmstart import warm_started
 

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from onelayer.models import ModelError
-    from onelayer.models.layers import LayerSpecError
+    from onelayer.models.layer_spec import LayerSpecError
     from onelayer.tasks import TaskError
     from onelayer.train.warmstart import WarmStartError
 

@@ -109,7 +109,7 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
                  with_trl: bool, rounds: int, log) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    from onelayer.models.layers import middle_layers
+    from onelayer.models.layer_spec import middle_layers
 
     base = bench_spec(model, steps=steps, warmup=warmup, threads=threads)
     config, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)

@@ -355,7 +355,7 @@ def _count(n: int) -> str:
 
 
 def _blocks(indices: list[int], num_layers: int) -> str:
-    from onelayer.models.layers import describe_layers
+    from onelayer.models.layer_spec import describe_layers
 
     label = describe_layers(indices, num_layers)
     return f"0-{num_layers - 1}" if label == "all" else label.removeprefix("L")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from onelayer.config import ConfigError, TrainConfig, make_config
 from onelayer.models import model_num_layers
-from onelayer.models.layers import describe_layers, parse_layer_spec
+from onelayer.models.layer_spec import describe_layers, parse_layer_spec
 from onelayer.rundir import config_hash
 
 

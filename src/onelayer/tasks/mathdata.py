@@ -10,7 +10,8 @@ Formats (one row per problem):
 Sources: a local ``.jsonl`` (one JSON object per line), ``.json`` (a list of objects) or ``.parquet``
 file (needs pyarrow), or — when the path does not exist locally and does not look like a file name —
 a Hugging Face ``datasets`` hub name, optionally with a split: ``"openai/gsm8k"``,
-``"HuggingFaceH4/MATH-500:test"`` (``datasets`` is imported only then).
+``"HuggingFaceH4/MATH-500:test"`` (``datasets`` is imported only then), read by
+``onelayer.tasks.sources``.
 
 Splits: pass ``train_path`` and ``eval_path``, or a single ``path``. A single local file is split by a
 deterministic holdout: a row goes to eval when a hash of ``seed`` and its question text falls below
@@ -34,9 +35,7 @@ when the prompt does not end in whitespace) — tiny models learn the answer for
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -45,95 +44,11 @@ from .base import (
     Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, holdout,
     source_options,
 )
+from .sources import looks_like_file, read_source, split_hub_name
 
 MAX_PARSE_CHARS = 2000  # bound on what is parsed without a timeout (worker threads)
 PARSE_TIMEOUT_S = 5  # math-verify timeouts, main thread only (signal.alarm takes whole seconds)
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _LATEX_DELIMS = ("$", "\\(", "\\[", "\\boxed")
-
-
-# ---------------------------------------------------------------------------------------------
-# reading rows
-
-
-def _read_local(path: Path, where: str) -> list[tuple[str, dict]]:
-    """Rows of a local file as (location, row) pairs; the location reads "line 3" / "row 3"."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{where} line {lineno}: invalid JSON ({e.msg}); each line must be one JSON object") from None
-                out.append((f"line {lineno}", row))
-        return out
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}); a .json file must hold a list of objects") from None
-        if not isinstance(data, list):
-            raise TaskError(f"{where}: a .json file must hold a list of objects, got {type(data).__name__} (use .jsonl for one object per line)")
-        return [(f"row {i}", row) for i, row in enumerate(data, 1)]
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise TaskError(f"{where}: reading .parquet needs pyarrow (pip install pyarrow), or convert the file to .jsonl") from None
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise TaskError(f"{where}: cannot read parquet ({type(e).__name__}: {e})") from None
-        return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
-    raise TaskError(f"{where}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
-
-
-def _load_hub(name: str, split: str, task: str, subset: str | None) -> list[tuple[str, dict]]:
-    try:
-        import datasets
-    except ImportError:
-        raise TaskError(
-            f"{task}: {name!r} is not a local file, and loading it as a hub dataset needs the `datasets` "
-            f"package (pip install datasets); or pass a local .jsonl/.json/.parquet file"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, subset, split=split)
-    except Exception as e:
-        raise TaskError(
-            f"{task}: could not load {name!r} (split {split!r}) from the Hugging Face hub "
-            f"({type(e).__name__}: {e}); the hub is unreachable or the name/split is wrong — "
-            f"pass a local .jsonl/.json/.parquet file instead (task option path=FILE)"
-        ) from None
-    return [(f"row {i}", dict(row)) for i, row in enumerate(ds, 1)]
-
-
-def _looks_like_file(source: str) -> bool:
-    return source.lower().endswith(_FILE_SUFFIXES) or source.startswith((".", "/", "~"))
-
-
-def _split_hub_name(source: str) -> tuple[str, str | None]:
-    name, sep, split = source.partition(":")
-    return name, (split or None) if sep else None
-
-
-def read_source(source: str, task: str, subset: str | None, default_split: str) -> tuple[str, str, list[tuple[str, dict]]]:
-    """(tag, where, rows) of a local file or hub dataset: the tag prefixes item ids, ``where``
-    starts error messages ("gsm8k file data.jsonl")."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        where = f"{task} file {source}"
-        return path.stem, where, _read_local(path, where)
-    if path.exists():
-        raise TaskError(f"{task}: {source!r} is a directory; pass a .jsonl, .json or .parquet file")
-    if _looks_like_file(source):
-        raise TaskError(f"{task}: file {source!r} not found (checked relative to {os.getcwd()})")
-    name, split = _split_hub_name(source)
-    split = split or default_split
-    return f"{name}:{split}", f"{task} dataset {name}:{split}", _load_hub(name, split, task, subset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +196,8 @@ class MathDataTask(Task):
         o = self.options
         if o["path"] is not None:
             source = o["path"]
-            local = Path(source).expanduser().exists() or _looks_like_file(source)
-            hub_name, hub_split = (None, None) if local else _split_hub_name(source)
+            local = Path(source).expanduser().exists() or looks_like_file(source)
+            hub_name, hub_split = (None, None) if local else split_hub_name(source)
             if hub_name is not None and hub_split is None:
                 train = self._items(*read_source(f"{hub_name}:train", self.name, self._subset, "train"))
                 try:

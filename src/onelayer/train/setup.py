@@ -9,7 +9,7 @@ import torch
 
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers, resolve_real
-from onelayer.models.layers import parse_layer_spec
+from onelayer.models.layer_spec import parse_layer_spec
 from onelayer.rollout.sampler import LocalSampler
 from onelayer.train.warmstart import warm_started
 

@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 from ..base import (
     TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, holdout, source_options,
 )
-from ..mathdata import read_source
+from ..sources import read_source
 from .base import CodeTask
 
 MBPP_TEMPLATE = "{description}\nYour code should pass these tests:\n{tests}\nWrite the Python function `{entry_point}`.\n"
