@@ -7,11 +7,13 @@ from transformers import AutoModelForCausalLM
 
 from onelayer.models.layer_spec import LayerSpecError, describe_layers, middle_layers, parse_layer_spec
 from onelayer.models.layers import (
+    block_lr_multipliers,
     copy_trainable,
     count_parameters,
     find_blocks,
     fingerprint_frozen,
     frozen_unchanged,
+    param_groups,
     select_layers,
     swap_weights,
     trainable_parameters,
@@ -180,6 +182,72 @@ def test_top_k_errors(tmp_path):
     other.write_text("layer,contribution\n6,1\n")
     with pytest.raises(LayerSpecError, match="layer 6.*4 layers"):
         parse_layer_spec(f"top:1@{other}", 4)
+
+
+def _profile(tmp_path, values, num_layers=None):
+    """A contributions.csv over len(values) layers (relative depth as a sweep writes it)."""
+    L = num_layers or len(values)
+    f = tmp_path / "contributions.csv"
+    f.write_text("condition,layer,relative_depth,contribution\n" + "".join(
+        f"c,{i},{i / (L - 1)},{v}\n" for i, v in enumerate(values)))
+    return f
+
+
+def test_bottom_k_is_the_worst_k_and_ties_go_to_the_lower_index(tmp_path):
+    f = _profile(tmp_path, [0.5, 0.1, 0.9, 0.1, 0.3])
+    assert parse_layer_spec(f"bottom:1@{f}", 5) == [1]
+    assert parse_layer_spec(f"bottom:3@{f}", 5) == [1, 3, 4]
+    assert parse_layer_spec(f"top:2@{f}", 5) == [0, 2]
+    with pytest.raises(LayerSpecError, match="bottom 6|k=6"):
+        parse_layer_spec(f"bottom:6@{f}", 5)
+
+
+def test_a_profile_from_another_model_is_refused(tmp_path):
+    f = _profile(tmp_path, [0.5, 0.1, 0.9, 0.1])  # measured on 4 layers
+    with pytest.raises(LayerSpecError, match="measured on a model with 4 layers.*this model has 8 layers"):
+        parse_layer_spec(f"top:2@{f}", 8)
+
+
+def test_random_k_is_seeded_distinct_and_differs_between_draws():
+    draws = {tuple(parse_layer_spec(f"random:3@{seed}", 12)) for seed in range(6)}
+    assert len(draws) > 1  # several draws give several sets
+    for d in draws:
+        assert len(set(d)) == 3 and all(0 <= i < 12 for i in d) and list(d) == sorted(d)
+    assert parse_layer_spec("random:3", 12) == parse_layer_spec("random:3@0", 12)  # default seed 0
+    assert parse_layer_spec("random:3@5", 12) == parse_layer_spec("random:3@5", 12)
+    with pytest.raises(LayerSpecError, match="k=13"):
+        parse_layer_spec("random:13", 12)
+
+
+def test_layer_lr_groups_get_the_resolved_rates_and_frozen_blocks_stay_identical(tmp_path):
+    model = tiny("qwen3", layers=4)
+    sel = select_layers(model, "all", train_non_block=True)
+    f = _profile(tmp_path, [0.1, 0.9, 0.5, 0.2])
+    mult = block_lr_multipliers(sel.indices, sel.num_layers, {f"top:2@{f}": 2.0, "0": 0.5}, "all")
+    assert mult == {0: 0.5, 1: 2.0, 2: 2.0, 3: 1.0}
+    groups = param_groups(model, sel, mult)
+    assert sorted(g["lr_mult"] for g in groups) == [0.5, 1.0, 2.0]
+    ids = {m: {id(p) for p in g["params"]} for g in groups for m in [g["lr_mult"]]}
+    assert {id(p) for p in model.model.layers[1].parameters()} <= ids[2.0]
+    assert {id(p) for p in model.model.layers[0].parameters()} <= ids[0.5]
+    assert id(model.model.embed_tokens.weight) in ids[1.0]  # outside the blocks: the base rate
+    assert sum(len(g["params"]) for g in groups) == len(trainable_parameters(model))
+    # one multiplier: exactly the plain parameter list
+    single = param_groups(model, sel, {i: 1.0 for i in sel.indices})
+    assert len(single) == 1 and single[0]["params"] == trainable_parameters(model)
+    # a rate for a frozen block is an error, not a silent no-op
+    sel = select_layers(model, "1-2")
+    with pytest.raises(LayerSpecError, match=r"block\(s\) \[0\] are frozen"):
+        block_lr_multipliers(sel.indices, sel.num_layers, {"0-1": 2.0}, "1-2")
+    with pytest.raises(LayerSpecError, match="positive number"):
+        block_lr_multipliers(sel.indices, sel.num_layers, {"1": 0}, "1-2")
+    # frozen blocks stay bit-identical under grouped rates
+    fp = fingerprint_frozen(model)
+    opt = torch.optim.AdamW(param_groups(model, sel, {1: 2.0, 2: 1.0}), lr=1e-2)
+    ids_ = torch.randint(0, 64, (2, 6))
+    model(ids_, labels=ids_).loss.backward()
+    opt.step()
+    assert frozen_unchanged(model, fp) == (True, [])
 
 
 # --- block discovery ------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ class TrainConfig:
     # optimisation
     learning_rate: float | None = _f(None, "AdamW learning rate; default: the task's suggestion (1e-4; agent tasks 1.5e-4)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
+    layer_lr: dict = _f({}, "learning-rate multipliers per layer spec, e.g. {'top:3@contributions.csv': 2.0} "
+                            "(Boost-Bk: --layers all --layer-lr top:k@FILE=2); on the CLI: --layer-lr SPEC=MULT "
+                            "(repeatable); later specs win where they overlap; each must name trainable blocks")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mini_batch_size: int | None = _f(None, "completions per optimizer step; default: the whole batch")
     max_steps: int | None = _f(None, "RL steps; default: the task's suggestion (300; agent tasks 150)")

@@ -9,6 +9,9 @@ Layer spec grammar (comma-separated items, whitespace ignored, keywords case-ins
                   (L=8,k=1 -> [3]; L=8,k=2 -> [3,4]; L=7,k=1 -> [3]; L=7,k=2 -> [2,3])
     top:k@FILE    the k blocks with the highest mean contribution in a contributions CSV
                   (FILE must not contain a comma)
+    bottom:k@FILE the k blocks with the lowest mean contribution (the worst-k control)
+    random:k      k blocks drawn at random, seeded: random:k@SEED (default seed 0) is the same draw
+                  on every machine, so a sweep can ask for several draws (random:3@0, random:3@1, ...)
 
 `all` and `none` stand alone. The result is always sorted, unique and within [0, L).
 """
@@ -17,13 +20,15 @@ from __future__ import annotations
 
 import csv
 import math
+import random
 import re
 from collections import defaultdict
 from pathlib import Path
 
 GRAMMAR = (
-    "all | none | N | -N | A-B | middle:K | top:K@FILE, with index/range items combinable by commas "
-    "(e.g. '7', '3,5', '2-5', '-1', '0,-1', '1,3-4', 'middle:2', 'top:3@contributions.csv')"
+    "all | none | N | -N | A-B | middle:K | top:K@FILE | bottom:K@FILE | random:K[@SEED], with index/range "
+    "items combinable by commas (e.g. '7', '3,5', '2-5', '-1', '0,-1', '1,3-4', 'middle:2', "
+    "'top:3@contributions.csv', 'random:3@1')"
 )
 
 
@@ -93,6 +98,14 @@ def _read_contributions(spec: str, path: Path, num_layers: int) -> dict[int, flo
             if not layer_f.is_integer() or math.isnan(value):
                 continue
             layer = int(layer_f)
+            depth = row.get("relative_depth", "")
+            implied = _implied_layers(layer, depth)
+            if implied is not None and implied != num_layers:
+                raise _spec_error(
+                    spec, num_layers,
+                    f"contributions file {str(path)!r} was measured on a model with {implied} layers "
+                    f"(layer {layer} at relative depth {depth}); rank this model's layers with its own sweep",
+                )
             if not 0 <= layer < num_layers:
                 raise _spec_error(
                     spec, num_layers,
@@ -107,27 +120,47 @@ def _read_contributions(spec: str, path: Path, num_layers: int) -> dict[int, flo
     return {layer: sum(means) / len(means) for layer, means in sums.items()}
 
 
-def top_layers(spec: str, k: int, file: str, num_layers: int) -> list[int]:
-    """The k layers with the highest mean contribution in FILE (ties: lower index first)."""
+def _implied_layers(layer: int, depth: str) -> int | None:
+    """The layer count a sweep's row implies: its last layer has `relative_depth` (layer / (L - 1)) 1."""
+    try:
+        return layer + 1 if float(depth) == 1.0 else None
+    except ValueError:
+        return None
+
+
+def top_layers(spec: str, k: int, file: str, num_layers: int, worst: bool = False) -> list[int]:
+    """The k layers with the highest (`worst`: lowest) mean contribution in FILE (ties: lower index first)."""
     _check_k(spec, k, num_layers)
     means = _read_contributions(spec, Path(file).expanduser(), num_layers)
     if len(means) < k:
         raise _spec_error(
-            spec, num_layers, f"asked for top {k} but {file!r} ranks only {len(means)} layer(s)"
+            spec, num_layers, f"asked for {'bottom' if worst else 'top'} {k} but {file!r} ranks only "
+                              f"{len(means)} layer(s)"
         )
-    ranked = sorted(means, key=lambda layer: (-means[layer], layer))
+    ranked = sorted(means, key=lambda layer: (means[layer] if worst else -means[layer], layer))
     return ranked[:k]
+
+
+def random_layers(k: int, seed: int, num_layers: int) -> list[int]:
+    """k distinct blocks drawn with a generator seeded by (seed, L): the same on every machine."""
+    return sorted(random.Random(f"random-layers:{seed}:{num_layers}").sample(range(num_layers), k))
 
 
 _INT = r"-?\d+"
 
 
 def _parse_item(spec: str, item: str, num_layers: int) -> list[int]:
-    """One comma-separated item: N, A-B, middle:K or top:K@FILE."""
-    top = re.fullmatch(r"(?i)top\s*:\s*(\d+)\s*@\s*(.+)", item.strip())
-    if top:
-        return top_layers(spec, int(top.group(1)), top.group(2).strip(), num_layers)
+    """One comma-separated item: N, A-B, middle:K, top:K@FILE, bottom:K@FILE or random:K[@SEED]."""
+    ranked = re.fullmatch(r"(?i)(top|bottom)\s*:\s*(\d+)\s*@\s*(.+)", item.strip())
+    if ranked:
+        return top_layers(spec, int(ranked.group(2)), ranked.group(3).strip(), num_layers,
+                          worst=ranked.group(1).lower() == "bottom")
     compact = re.sub(r"\s+", "", item).lower()
+    drawn = re.fullmatch(r"random:(\d+)(?:@(-?\d+))?", compact)
+    if drawn:
+        k = int(drawn.group(1))
+        _check_k(spec, k, num_layers)
+        return random_layers(k, int(drawn.group(2) or 0), num_layers)
     middle = re.fullmatch(r"middle:(\d+)", compact)
     if middle:
         k = int(middle.group(1))

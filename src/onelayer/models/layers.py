@@ -189,6 +189,35 @@ def select_layers(
     )
 
 
+def block_lr_multipliers(indices: list[int], num_layers: int, layer_lr: dict[str, float], layers: str = "") -> dict[int, float]:
+    """Per trainable block, its learning-rate multiplier: `layer_lr` maps layer specs to multipliers
+    (later specs win where they overlap); blocks no spec names keep 1. A spec that names a frozen block
+    is a LayerSpecError (its rate would silently do nothing)."""
+    mult = {i: 1.0 for i in indices}
+    for spec, factor in layer_lr.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise LayerSpecError(f"layer_lr {spec}={factor!r}: the multiplier must be a positive number")
+        chosen = parse_layer_spec(spec, num_layers)
+        frozen = [i for i in chosen if i not in mult]
+        if frozen:
+            raise LayerSpecError(f"layer_lr {spec}={factor}: block(s) {frozen} are frozen by --layers "
+                                 f"{layers!r} (trainable: {indices}); a learning rate there would change nothing")
+        mult.update({i: float(factor) for i in chosen})
+    return mult
+
+
+def param_groups(model: nn.Module, selection: Selection, multipliers: dict[int, float]) -> list[dict]:
+    """AdamW parameter groups, one per distinct multiplier (`lr_mult`; parameters outside the blocks, such
+    as the embeddings of a full run, get 1), in parameter order within each group. With one multiplier
+    this is one group holding `trainable_parameters(model)`, exactly."""
+    _, blocks = find_blocks(model, selection.block_path)
+    owner = {id(p): i for i in selection.indices for p in blocks[i].parameters()}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in trainable_parameters(model):
+        groups.setdefault(multipliers.get(owner.get(id(p)), 1.0), []).append(p)
+    return [{"params": ps, "lr_mult": m} for m, ps in sorted(groups.items())]
+
+
 # ---------------------------------------------------------------------------------------------
 # Frozen-tensor verification (hashes, not a second copy of the model)
 

@@ -25,7 +25,8 @@ from onelayer.algos import get_preset
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, replace_dir, write_jsonl
 from onelayer.models.layers import (
-    copy_trainable, fingerprint_frozen, frozen_unchanged, select_layers, swap_weights, trainable_parameters,
+    block_lr_multipliers, copy_trainable, fingerprint_frozen, frozen_unchanged, param_groups, select_layers,
+    swap_weights, trainable_parameters,
 )
 from onelayer.models.prefix import reuse_block
 from onelayer.policy import forward_path, kernels, sequence_block_input, sequence_logprobs
@@ -60,6 +61,7 @@ class RunState:
     source: object
     device: str
     algo: dict  # the preset's choices after overrides: advantage, scale, loss_agg, beta
+    block_lr: dict  # trainable block -> its learning rate (after --layer-lr multipliers)
     selection: object
     precision: Precision
     forward: str
@@ -139,13 +141,17 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
     sampler = rollout_sampler(cfg, model, tok, source, out)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay) if params else None
+    block_mult = block_lr_multipliers(selection.indices, selection.num_layers, cfg.layer_lr, cfg.layers)  # per trainable block: its rate's multiplier
+    optimizer = torch.optim.AdamW(param_groups(model, selection, block_mult), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay) if params else None
+    block_lr = {i: cfg.learning_rate * m for i, m in block_mult.items()}
     atomic_write_json(out / "config.json", {
         **cfg.to_dict(), "scale_rewards": algo["scale"], "loss_type": algo["loss_agg"], "beta": algo["beta"],
         "advantage": algo["advantage"], "model_source": str(source), "layer_indices": selection.indices,
         "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
         "total_params": selection.total_params, "task_options": task.options,
-        "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward})
+        "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward,
+        "block_lr": block_lr})
     rundir.set_status(out, "running")
 
     start_step = 0
@@ -163,7 +169,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     rule = CollapseRule(window=cfg.collapse_window, fraction=cfg.collapse_fraction, patience=cfg.collapse_window)
     state = RunState(
         cfg=cfg, user_cfg=user_cfg, out=out, log=log, task=task, model=model, tok=tok, source=source, device=device,
-        algo=algo, selection=selection, precision=precision, forward=forward, fingerprint=fingerprint,
+        algo=algo, block_lr=block_lr, selection=selection, precision=precision, forward=forward, fingerprint=fingerprint,
         ref_weights=ref_weights, reuse_at=reuse_at, sampler=sampler, params=params, optimizer=optimizer,
         train_items=train_items, eval_items=eval_items, check_items=check_items, keeper=keeper,
         writer=None, start_step=start_step, base_scores=[], history=history, rule=rule,
@@ -180,7 +186,7 @@ def rl_step(s: RunState, step: int) -> dict:
     cfg = s.cfg
     t0 = time.perf_counter()
     for group in s.optimizer.param_groups:
-        group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps)
+        group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps) * group["lr_mult"]
     rng = random.Random(cfg.seed * 1_000_003 + step)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     items = rng.sample(s.train_items, min(cfg.prompts_per_step, len(s.train_items)))
@@ -317,7 +323,7 @@ def _record(s: RunState, scores: list[float], selected: int) -> dict:
         "task": cfg.task, "task_options": s.task.options, "model": cfg.model, "algo": cfg.algo, "seed": cfg.seed,
         "layers": cfg.layers, "layer_indices": sel.indices, "num_layers": sel.num_layers,
         "prompt_format": cfg.prompt_format, "precision": s.precision.describe(), "forward": s.forward,
-        "trainable_params": sel.trainable_params, "total_params": sel.total_params,
+        "trainable_params": sel.trainable_params, "total_params": sel.total_params, "block_lr": s.block_lr,
         "base_score": _mean(base), "base_ci95": bootstrap_ci(base),
         "gain": _mean(scores) - _mean(base), "gain_ci95": paired_bootstrap_ci(scores, base),
         "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),

@@ -10,6 +10,7 @@ import torch
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers, resolve_real
 from onelayer.models.layer_spec import parse_layer_spec
+from onelayer.models.layers import block_lr_multipliers
 from onelayer.rollout.sampler import LocalSampler
 from onelayer.train.warmstart import warm_started
 
@@ -37,7 +38,8 @@ def load_model(cfg: TrainConfig, task, max_new: int, device: str, log):
     """The policy to train: a built-in model is warm-started for the task (cached) unless disabled."""
     source = resolve_real(cfg.model, log)  # a real model's cached directory (never warm-started)
     if cfg.model in BUILTIN_MODELS and cfg.warm_start:
-        parse_layer_spec(cfg.layers, model_num_layers(cfg.model))  # a bad spec fails before the warm start
+        n = model_num_layers(cfg.model)  # a bad spec or layer rate fails before the warm start
+        block_lr_multipliers(parse_layer_spec(cfg.layers, n), n, cfg.layer_lr, cfg.layers)
         source = warm_started(cfg.model, task, max_new_tokens=max_new, log=log)
     # float32 first: layer selection decides which tensors stay float32 (`train.precision`)
     model, tok = load_policy(source, dtype=torch.float32, device=device)
