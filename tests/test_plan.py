@@ -102,7 +102,7 @@ def test_full_plan_is_16_bytes_per_parameter_and_frozen_tensors_use_the_frozen_d
         assert sel["param_bytes"] == 4 * sel["trainable_params"] + frozen_bytes * frozen, frozen_dtype
         assert sel["grad_bytes"] + sel["optimizer_bytes"] == 12 * sel["trainable_params"]
         assert plan["assumptions"]["state_bytes_per_frozen_param"] == frozen_bytes
-    assert plan["frozen_dtype"] == "fp32" and "frozen parameters at fp32" in plan["assumptions"]["weights"]
+    assert plan["frozen_dtype"] == "float32" and "frozen parameters at float32" in plan["assumptions"]["weights"]
 
 
 def test_half_frozen_dtype_needs_a_half_compute_dtype_as_in_the_trainer(capsys):
@@ -111,7 +111,7 @@ def test_half_frozen_dtype_needs_a_half_compute_dtype_as_in_the_trainer(capsys):
     assert main(["plan", "--model-config", "qwen3-0.6b", "--layers", "1", "--dtype", "float32",
                  "--frozen-dtype", "bfloat16"]) == 2
     assert "half-precision compute dtype" in capsys.readouterr().err
-    assert plan_memory("qwen3-0.6b", "1", dtype="fp32", frozen_dtype="fp32")["frozen_dtype"] == "fp32"
+    assert plan_memory("qwen3-0.6b", "1", dtype="fp32", frozen_dtype="fp32")["frozen_dtype"] == "float32"  # the alias
 
 
 def test_activations_start_at_the_lowest_trainable_block():
@@ -199,12 +199,13 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert main(["plan", "--model-config", "qwen3-8b", "--layers", "middle:1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "optimizer GiB" in text and "selected / full total" in text
-    assert "compute bf16; trainable weights + gradients + AdamW states fp32 (16 B/param), frozen bf16" in text
+    assert "compute bfloat16; trainable weights + gradients + AdamW states float32 (16 B/param), frozen bfloat16" in text
     plan = json.loads(out.read_text())
     assert {"model_config", "layers", "full", "selected", "assumptions"} <= set(plan)
     assert plan["model_config"] == "qwen3-8b" and plan["layers"] == "middle:1"
     assert ENTRY_KEYS <= set(plan["full"]) and ENTRY_KEYS <= set(plan["selected"])
-    assert (plan["dtype"], plan["trainable_dtype"], plan["frozen_dtype"]) == ("bf16", "fp32", "bf16")
+    assert (plan["dtype"], plan["trainable_dtype"], plan["frozen_dtype"]) == ("bfloat16", "float32", "bfloat16")
+    assert plan["adam_states"] == "float32"
     assert not list(tmp_path.glob(".*.tmp"))
     assert main(["plan", "--model-config", "qwen3-8b", "--layers", "middle:1", "--frozen-dtype", "fp32",
                  "--json", str(out)]) == 0

@@ -1,7 +1,8 @@
 """The `onelayer` command line: train and eval (sweep, report and the rest build on these).
 
-Flags are generated from the config dataclass, so every setting has exactly one name and one doc.
-User errors print one line naming the problem and exit with status 2, without a traceback.
+Every command's flags are generated from its config dataclasses (`onelayer.config`, `sweep.SweepSpec`), so
+every setting has exactly one name, one doc and one default. User errors print one line naming the
+problem and exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -11,43 +12,134 @@ import dataclasses
 import sys
 import typing
 
-from onelayer.config import ConfigError, TrainConfig, field_docs, load_yaml, make_config
+from onelayer.config import (
+    BenchConfig,
+    ConfigError,
+    EvalConfig,
+    PlanConfig,
+    SweepConfig,
+    TrainConfig,
+    default_help,
+    is_required,
+    load_yaml,
+    make_config,
+)
+from onelayer.sweep.plan import SweepSpec
 
 EXIT_USER_ERROR = 2
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    docs = field_docs(cls)
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _kind(f: dataclasses.Field, annotation) -> str:
+    """How a field is given on the command line: 'pairs' (KEY=VALUE, repeatable, into a dict), 'items' (a
+    repeatable flag, one list item each), 'list' (comma-separated), 'bool' (on/off), 'switch' (on, off or
+    a list) or 'value'."""
+    kinds = set(typing.get_args(annotation) or (annotation,)) - {type(None)}
+    if kinds == {bool, list}:
+        return "switch"
+    if list in kinds:
+        return "items" if f.metadata.get("repeat") else "list"
+    return "pairs" if dict in kinds else "bool" if bool in kinds else "value"
+
+
+def _help(f: dataclasses.Field, kind: str) -> str:
+    meta = f.metadata
+    if is_required(f):
+        note = "required"
+    elif kind in ("pairs", "items"):
+        note = "repeatable"
+    else:
+        note = ("comma-separated; " if kind == "list" else "") + f"default: {default_help(f)}"
+    if meta.get("aliases"):
+        note += f"; aliases: {', '.join(meta['aliases'])}"
+    return f"{meta['doc']} ({note})".replace("%", "%%")
+
+
+def _metavar(f: dataclasses.Field, kind: str) -> str:
+    if "metavar" in f.metadata:
+        return f.metadata["metavar"]
+    if kind == "pairs":
+        return "KEY=VALUE"
+    if f.metadata.get("choices"):
+        return "{" + ",".join(f.metadata["choices"]) + "}"
+    return flag_name(f)[2:].upper().replace("-", "_")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """A flag per field of the config dataclass `cls` (the metadata it reads: `onelayer.config._f`). Flags
+    not given stay out of the namespace, so a config file's value or the field's default stands."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "task_opts":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{docs[f.name]} (default: {default})"
-        if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        kind = _kind(f, hints[f.name])
+        kw = dict(dest=f.name, help=_help(f, kind))
+        if is_required(f):
+            kw["required"] = True
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
-    parser.add_argument("--task-opt", dest="task_opt", action="append", default=[], metavar="KEY=VALUE",
-                        help="task option (repeatable), e.g. --task-opt difficulty=3")
-    parser.add_argument("--config", help="YAML file of config keys; flags override it")
+            kw["default"] = argparse.SUPPRESS
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable", True) else "store_true"
+        else:
+            kw["metavar"] = _metavar(f, kind)
+        if kind in ("pairs", "items"):
+            kw["action"] = "append"
+        elif kind == "switch":
+            kw.update(nargs="?", const="true")
+        parser.add_argument(flag_name(f), **kw)
+        if kind == "switch":
+            parser.add_argument("--no-" + flag_name(f)[2:], dest=f.name, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=f.metadata["no_doc"])
 
 
-def _config_from_args(args: argparse.Namespace, skip=("command", "func", "config", "task_opt", "out")) -> TrainConfig:
+def _values(args: argparse.Namespace, cls, values: dict | None = None) -> dict:
+    """`values` (cls's keys, e.g. from a YAML file) with the flags given for cls's fields on top: a dict
+    flag's KEY=VALUE pairs and a repeatable list flag's items add to the file's, other flags replace."""
     from onelayer.tasks import parse_task_opts
 
-    values = load_yaml(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")})
-    if args.task_opt:
-        values["task_opts"] = {**(values.get("task_opts") or {}), **parse_task_opts(args.task_opt)}
-    return make_config(values)
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in vars(args):
+            continue
+        given, old, kind = getattr(args, f.name), values.get(f.name), _kind(f, hints[f.name])
+        if kind == "pairs":
+            parse = _spec_pairs if f.metadata.get("spec_keys") else parse_task_opts
+            values[f.name] = {**(old or {}), **parse(given)}
+        elif kind == "items":
+            values[f.name] = [*(old if isinstance(old, list) else [] if old is None else [old]), *given]
+        else:
+            values[f.name] = given
+    return values
+
+
+def _spec_pairs(pairs: list[str]) -> dict[str, float]:
+    """SPEC=NUMBER pairs whose key is a layer spec (it may hold ':', '@' and ','): split at the last '='."""
+    out: dict[str, float] = {}
+    for pair in pairs:
+        spec, sep, value = pair.rpartition("=")
+        try:
+            out[spec.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not spec.strip():
+            raise ConfigError(f"malformed --layer-lr {pair!r}: write SPEC=MULTIPLIER, e.g. --layer-lr top:3@contributions.csv=2")
+    return out
+
+
+def _config(args: argparse.Namespace, cls=TrainConfig, values: dict | None = None):
+    return make_config(_values(args, cls, values), cls)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return _config(args, TrainConfig, load_yaml(args.config) if args.config else {})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from onelayer.train import run
 
-    cfg = _config_from_args(args)
+    cfg = _train_config(args)
     run(cfg, args.out)
     return 0
 
@@ -55,52 +147,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from onelayer.train.eval_cmd import evaluate_model
 
-    cfg = _config_from_args(args, skip=("command", "func", "config", "task_opt", "out", "batch_size", "samples", "pass_k"))
-    if args.samples < 1:
-        raise ConfigError(f"--samples {args.samples}: must be at least 1 (1 = greedy score only)")
-    try:
-        pass_k = tuple(int(k) for k in args.pass_k.split(",") if k.strip())
-    except ValueError:
-        raise ConfigError(f"--pass-k {args.pass_k!r}: write comma-separated integers, e.g. 1,10") from None
-    if not pass_k or min(pass_k) < 1:
-        raise ConfigError(f"--pass-k {args.pass_k!r}: every k must be a positive integer")
-    evaluate_model(cfg, args.out, batch_size=args.batch_size, samples=args.samples, pass_k=pass_k)
+    cfg, ev = _train_config(args), _config(args, EvalConfig)
+    evaluate_model(cfg, ev.out, batch_size=ev.batch_size, samples=ev.samples, pass_k=tuple(ev.pass_k))
     return 0
 
 
-def _csv_list(text: str) -> list:
-    return [int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in text.split(",") if x.strip()]
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from onelayer.sweep import EXECUTORS, make_spec, run_sweep
+    from onelayer.sweep import make_spec, run_sweep
     from onelayer.tasks import parse_task_opts
 
     if args.preset and args.config:
         raise ConfigError("pass --preset or --config, not both (a preset is a shipped --config file)")
     values = load_yaml(preset_path(args.preset) if args.preset else args.config) if (args.preset or args.config) else {}
-    if args.extreme_seeds is not None:
-        values["extreme_seeds"] = _csv_list(args.extreme_seeds)
-    if args.full_seeds is not None:
-        values["full_seeds"] = [] if args.full_seeds.strip().lower() == "none" else _csv_list(args.full_seeds)
-    for key in ("models", "tasks", "algos", "seeds"):
-        if getattr(args, key) is not None:
-            values[key] = _csv_list(getattr(args, key))
-    if args.layer_set:
-        values["layer_sets"] = [*values.get("layer_sets", []), *args.layer_set]
-    if args.single_layers is not None:
-        values["single_layers"] = args.single_layers
-    train = dict(values.get("train") or {})
-    train.update(parse_task_opts(args.set))
+    values = _values(args, SweepSpec, values)
     if args.task_opt:
-        train["task_opts"] = {**train.get("task_opts", {}), **parse_task_opts(args.task_opt)}
-    values["train"] = train
-    if args.executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor {args.executor!r}; available: {', '.join(EXECUTORS)}")
+        train = dict(values.get("train") or {})
+        values["train"] = {**train, "task_opts": {**train.get("task_opts", {}), **parse_task_opts(args.task_opt)}}
+    run = _config(args, SweepConfig)
     spec = make_spec(values)
-    rows = run_sweep(spec, args.out, executor=args.executor, workers=args.workers, retry_failed=args.retry_failed,
-                     address=args.address, num_cpus=args.num_cpus_per_job, num_gpus=args.num_gpus_per_job,
-                     max_retries=args.max_retries)
+    rows = run_sweep(spec, run.out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed,
+                     address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
+                     max_retries=run.max_retries)
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f"; not done: {', '.join(r['job_id'] for r in failed)}" if failed else ""))
     return 0 if not failed else 1
@@ -146,41 +213,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from onelayer.io import atomic_write_json
     from onelayer.models.plan import format_plan, plan_memory
 
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value}: must be a positive integer")
-    if args.beta < 0:
-        raise ConfigError(f"--beta {args.beta}: must be >= 0")
-    plan = plan_memory(args.model_config, args.layers, dtype=args.dtype, frozen_dtype=args.frozen_dtype,
-                       batch_size=args.batch_size, seq_len=args.seq_len, beta=args.beta,
-                       train_embeddings=args.train_embeddings, train_lm_head=args.train_lm_head,
-                       block_path=args.block_path, adam_states=args.adam_states)
+    cfg = _config(args, PlanConfig)
+    plan = plan_memory(**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "json"})
     print(format_plan(plan))
-    if args.json:
-        atomic_write_json(args.json, plan)
+    if cfg.json:
+        atomic_write_json(cfg.json, plan)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from onelayer.bench import format_report, run_bench
     from onelayer.io import atomic_write_json
-    from onelayer.models import BUILTIN_MODELS, known_models
-    from onelayer.models.real import REAL_MODELS
 
-    models = tuple(_csv_list(args.models))
-    for m in models:
-        if m not in BUILTIN_MODELS and m not in REAL_MODELS:
-            raise ConfigError(f"--models: {m!r} is not a built-in tiny model or a built-in real model; choose from "
-                              f"{known_models()}")
-    if args.warmup < 1:
-        raise ConfigError(f"--warmup {args.warmup}: at least one warm-up step")
-    if args.rounds < 1:
-        raise ConfigError(f"--rounds {args.rounds}: at least one round")
-    result = run_bench(models, steps=args.steps, warmup=args.warmup, threads=args.threads, device=args.device,
-                       with_trl=not args.no_trl, rounds=args.rounds, log=lambda msg: print(msg, file=sys.stderr))
+    cfg = _config(args, BenchConfig)
+    result = run_bench(tuple(cfg.models), steps=cfg.steps, warmup=cfg.warmup, threads=cfg.threads, device=cfg.device,
+                       with_trl=not cfg.no_trl, rounds=cfg.rounds, log=lambda msg: print(msg, file=sys.stderr))
     print(format_report(result))
-    if args.json:
-        atomic_write_json(args.json, result)
+    if cfg.json:
+        atomic_write_json(cfg.json, result)
     return 0
 
 
@@ -188,45 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="RL-train the selected layers of a model on a task")
-    _add_config_flags(p)
+    _add_config_flags(p, TrainConfig)
+    p.add_argument("--config", help="YAML file of config keys; flags override it")
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, eval.json, model/)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="score a model on a task's held-out split (greedy; agent tasks: success rate)")
-    _add_config_flags(p)
-    p.add_argument("--out", required=True, help="JSON file for score, ci95, n, task")
-    p.add_argument("--batch-size", type=int, default=256, help="sequences per generation batch")
-    p.add_argument("--samples", type=int, default=1,
-                   help="also sample this many completions per item and report pass@k (unbiased estimator)")
-    p.add_argument("--pass-k", default="1,10,100", help="comma-separated k for pass@k (those <= --samples)")
+    _add_config_flags(p, TrainConfig)
+    p.add_argument("--config", help="YAML file of config keys; flags override it")
+    _add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("sweep", help="base, full and per-layer RL runs, then layer contributions")
     p.add_argument("--config", help="YAML sweep spec (models, tasks, algos, seeds, layer_sets, single_layers, train)")
-    p.add_argument("--out", default="runs/sweep", help="sweep directory (default: runs/sweep)")
-    p.add_argument("--models", help="comma-separated models (default: tiny-qwen3)")
-    p.add_argument("--tasks", help="comma-separated tasks (default: arith)")
-    p.add_argument("--algos", help="comma-separated algorithms (default: grpo)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: 0)")
-    p.add_argument("--layer-set", action="append", default=[], help="extra layer spec to run (repeatable)")
     p.add_argument("--preset", help="a shipped sweep spec, e.g. smollm2-study (flags still override it)")
-    p.add_argument("--single-layers", nargs="?", const="true", default=None, metavar="LIST",
-                   help="one job per layer: every block, or only those listed (e.g. 0,4,8,12)")
-    p.add_argument("--no-single-layers", dest="single_layers", action="store_const", const="false",
-                   help="no single-layer jobs")
-    p.add_argument("--full-seeds", metavar="SEEDS",
-                   help="also run the full-parameter job with these seeds (default: 1, so S_full - S_base has two "
-                        "seeds; 'none' for no extra seeds)")
-    p.add_argument("--extreme-seeds", metavar="SEEDS",
-                   help="after the first pass, rerun full and the best and worst single layer with these seeds")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training config key for every job (repeatable)")
+    _add_config_flags(p, SweepSpec)
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
-    p.add_argument("--executor", default="local", help="local, processes or ray")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for --executor processes")
-    p.add_argument("--address", help="--executor ray: cluster address ('auto' or HOST:PORT; default: start a local Ray)")
-    p.add_argument("--num-cpus-per-job", type=float, default=1, help="--executor ray: CPUs each job declares (default 1)")
-    p.add_argument("--num-gpus-per-job", type=float, default=0, help="--executor ray: GPUs each job declares (default 0)")
-    p.add_argument("--max-retries", type=int, default=2,
-                   help="--executor ray: retries of a job whose worker crashed or that failed (default 2)")
-    p.add_argument("--retry-failed", action="store_true", help="restart jobs that failed before from scratch (default: resume them from their checkpoint)")
+    _add_config_flags(p, SweepConfig)
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")
@@ -237,37 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the full result (matrices, nulls) to this JSON file")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("plan", help="memory of full vs selected-layer training, from a config on the meta device (no weights)")
-    p.add_argument("--model-config", required=True,
-                   help="shipped name (qwen3-0.6b/1.7b/4b/8b, qwen2.5-1.5b/7b), built-in tiny model, config.json or its directory")
-    p.add_argument("--layers", required=True, help="layer spec to compare with full training: all, 7, 3,5, 2-5, -1, middle:k, top:k@FILE")
-    plan_dtypes = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
-    p.add_argument("--dtype", default="bf16", choices=plan_dtypes,
-                   help="compute dtype, as train --dtype: activations and KV cache (default bf16)")
-    p.add_argument("--frozen-dtype", choices=plan_dtypes,
-                   help="storage dtype of frozen tensors, as train --frozen-dtype (default: --dtype)")
-    p.add_argument("--batch-size", type=int, default=64, help="micro-batch: sequences per forward/backward pass (default 64)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence, prompt + completion (default 1024)")
-    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds a reference copy of the trainable tensors")
-    p.add_argument("--adam-states", default="fp32", choices=("fp32", "weights"),
-                   help="fp32 (default; what onelayer train does): trainable weights, gradients and AdamW moments "
-                        "fp32, 16 bytes per trainable parameter, no separate master copy; weights: for comparison, "
-                        "AdamW run directly on --dtype weights (trainable weights, gradients and moments at --dtype, "
-                        "no fp32 anywhere) - loses small updates; not what onelayer trains with")
-    p.add_argument("--train-embeddings", action="store_true", help="as in train: also train the input embeddings")
-    p.add_argument("--train-lm-head", action="store_true", help="as in train: also train the LM head")
-    p.add_argument("--block-path", help="dotted path of the decoder blocks' ModuleList, if discovery fails")
-    p.add_argument("--json", help="also write the plan (full, selected, assumptions) to this JSON file")
+    _add_config_flags(p, PlanConfig)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("bench", help="time onelayer's RL step (full and single middle layer) against TRL's GRPOTrainer")
-    p.add_argument("--models", default="tiny-qwen3,tiny-qwen3-large",
-                   help="comma-separated built-in models: tiny (tiny-qwen3, tiny-qwen3-large, tiny-qwen2) or real (smollm2-135m)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per run (medians; at least 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=2, help="repeat every run this often, in alternating order (pooled)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in every run (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--no-trl", action="store_true", help="time onelayer alone (no TRL installed)")
-    p.add_argument("--json", help="write the results (ratios at the top level, per-model runs under 'models')")
+    _add_config_flags(p, BenchConfig)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3-large")
+from onelayer.config import BenchConfig
+
+DEFAULT_MODELS = tuple(BenchConfig().models)  # `onelayer bench --models`' default
 LAYER_SETS = ("all", "middle:1")
 
 

@@ -64,13 +64,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from onelayer.config import DTYPE_ALIASES, ConfigError
 from onelayer.models import ModelError, _quiet_transformers
 from onelayer.models.layers import find_blocks, select_layers
 from onelayer.models.tiny import TINY_SHAPES, char_tokenizer, tiny_config
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-TRAINABLE_DTYPE = "fp32"  # onelayer train keeps trainable tensors, and so AdamW's moments, in fp32
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the names of `config.DTYPES`
+TRAINABLE_DTYPE = "float32"  # onelayer train keeps trainable tensors, and so AdamW's moments, in float32
 ADAM_MOMENTS = 2  # exp_avg + exp_avg_sq, each at the trainable tensors' dtype
 LOGIT_BYTES = 4  # fp32 logits for the log-softmax backward
 GIB = 2**30
@@ -201,7 +201,8 @@ def lowest_trainable_block(model: nn.Module, block_path: str | None = None) -> i
 
 
 def _normalize_dtype(dtype: str) -> str:
-    key = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    """The dtype's name in onelayer's vocabulary (`config.DTYPES`; the short aliases fp32, bf16, fp16 map onto it)."""
+    key = DTYPE_ALIASES.get(str(dtype), str(dtype))
     if key not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
     return key
@@ -237,23 +238,21 @@ def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: 
 
 def _layout(dtype: str, frozen_dtype: str | None, adam_states: str) -> tuple[str, str, str]:
     """(compute, trainable, frozen) dtypes, checked as onelayer train checks --dtype / --frozen-dtype."""
-    from onelayer.config import ConfigError
-
     dtype = _normalize_dtype(dtype)
     frozen = _normalize_dtype(frozen_dtype) if frozen_dtype is not None else dtype
-    if adam_states not in ("fp32", "weights"):
-        raise ValueError(f"adam_states must be fp32 or weights (got {adam_states!r})")
-    if dtype == "fp32" and frozen != "fp32":
-        raise ConfigError(f"frozen dtype {frozen} with compute dtype fp32: a half-precision frozen dtype needs "
+    if adam_states not in (TRAINABLE_DTYPE, "weights"):
+        raise ValueError(f"adam_states must be float32 or weights (got {adam_states!r})")
+    if dtype == "float32" and frozen != "float32":
+        raise ConfigError(f"frozen dtype {frozen} with compute dtype float32: a half-precision frozen dtype needs "
                           "a half-precision compute dtype, as in onelayer train")
-    return dtype, TRAINABLE_DTYPE if adam_states == "fp32" else dtype, frozen
+    return dtype, TRAINABLE_DTYPE if adam_states == TRAINABLE_DTYPE else dtype, frozen
 
 
 def plan_memory(
     model_config: str,
     layers: str,
     *,
-    dtype: str = "bf16",
+    dtype: str = "bfloat16",
     frozen_dtype: str | None = None,
     batch_size: int = 64,
     seq_len: int = 1024,
@@ -261,15 +260,16 @@ def plan_memory(
     train_embeddings: bool = False,
     train_lm_head: bool = False,
     block_path: str | None = None,
-    adam_states: str = "fp32",
+    adam_states: str = "float32",
 ) -> dict:
     """Memory of full-parameter training ("full") and of training `layers` ("selected"), in bytes.
 
     `dtype` is the compute dtype (activations, KV cache); `frozen_dtype` (default: `dtype`) stores the
-    frozen tensors. `adam_states`: "fp32" (what onelayer train does: trainable weights, gradients and
-    AdamW moments in fp32) or "weights" (for comparison: AdamW run directly on weights at `dtype`, no
-    fp32 anywhere, which loses small updates). A half-precision `frozen_dtype` with an fp32 `dtype`
-    raises ConfigError, as the trainer's config check does.
+    frozen tensors; both are named as in `config.DTYPES` (fp32, bf16, fp16 are accepted and recorded
+    as float32, bfloat16, float16). `adam_states`: "float32" (what onelayer train does: trainable
+    weights, gradients and AdamW moments in float32; alias "fp32") or "weights" (for comparison: AdamW
+    run directly on weights at `dtype`, which loses small updates). A half-precision `frozen_dtype`
+    with a float32 `dtype` raises ConfigError, as the trainer's config check does.
 
     `batch_size` is the micro-batch: sequences per forward/backward pass, each `seq_len` tokens
     (prompt + completion). Raises ModelError for an unknown config and LayerSpecError (the trainer's
@@ -279,6 +279,7 @@ def plan_memory(
         raise ValueError(f"batch_size and seq_len must be positive (got {batch_size}, {seq_len})")
     if beta < 0:
         raise ValueError(f"beta must be >= 0 (got {beta})")
+    adam_states = DTYPE_ALIASES.get(adam_states, adam_states)
     dtype, trainable_dtype, frozen_dtype = _layout(dtype, frozen_dtype, adam_states)
     w, t, f = DTYPE_BYTES[dtype], DTYPE_BYTES[trainable_dtype], DTYPE_BYTES[frozen_dtype]
     config, source = resolve_config(model_config)
@@ -294,13 +295,13 @@ def plan_memory(
     selected = _entry(model, sel, spec=layers, **common)
 
     a_block = activation_elements_per_token_per_block(shape)
-    if adam_states == "fp32":
-        optimizer = (f"AdamW: exp_avg + exp_avg_sq in fp32 ({ADAM_MOMENTS * t} bytes per trainable parameter); "
-                     "no separate master copy: the trainable weights are already fp32 (what onelayer train does)")
+    if adam_states == TRAINABLE_DTYPE:
+        optimizer = (f"AdamW: exp_avg + exp_avg_sq in float32 ({ADAM_MOMENTS * t} bytes per trainable parameter); "
+                     "no separate master copy: the trainable weights are already float32 (what onelayer train does)")
     else:
         optimizer = (f"AdamW run directly on {dtype} weights: exp_avg + exp_avg_sq at {dtype} "
                      f"({ADAM_MOMENTS * t} bytes per trainable parameter), no master copy"
-                     + ("; loses small updates, not what onelayer trains with" if dtype != "fp32" else ""))
+                     + ("; loses small updates, not what onelayer trains with" if dtype != "float32" else ""))
     return {
         "model_config": str(model_config),
         "config_source": source,
@@ -330,7 +331,7 @@ def plan_memory(
             "activations": f"micro-batch {batch_size} x {seq_len} tokens; blocks from the lowest trainable one "
                            f"upward save a_block = 4h + 3q + 3kv + 4i = {a_block} elements per token at the "
                            f"compute dtype {dtype} (Llama/Qwen-style block, SDPA/flash attention, no "
-                           "checkpointing); plus fp32 logits (batch x seq_len x vocab x 4 bytes) when anything trains",
+                           "checkpointing); plus float32 logits (batch x seq_len x vocab x 4 bytes) when anything trains",
             "activation_bytes_per_token_per_block": a_block * w,
             "reference": f"beta > 0: one copy of the trainable tensors at {trainable_dtype} (copy_trainable)",
             "kv_cache": f"rollout KV cache for the same batch x seq_len at the compute dtype {dtype}; reported, "

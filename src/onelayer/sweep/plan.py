@@ -8,33 +8,47 @@ the same ids and a rerun finds its finished jobs.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
-from onelayer.config import ConfigError, TrainConfig, make_config
-from onelayer.models import model_num_layers
-from onelayer.models.layer_spec import describe_layers, parse_layer_spec
+from onelayer.config import ConfigError, TrainConfig, make_config, setting
 from onelayer.rundir import config_hash
 
 
 @dataclass
 class SweepSpec:
-    models: list = field(default_factory=lambda: ["tiny-qwen3"], metadata={"doc": "models to sweep"})
-    tasks: list = field(default_factory=lambda: ["arith"], metadata={"doc": "tasks to sweep"})
-    algos: list = field(default_factory=lambda: ["grpo"], metadata={"doc": "algorithm presets to sweep"})
-    seeds: list = field(default_factory=lambda: [0], metadata={"doc": "seeds (each job runs once per seed)"})
-    single_layers: bool | list = field(default=True, metadata={
-        "doc": "add one job per single layer: true (every block), false, or a list of block indices"})
-    full_seeds: list = field(default_factory=lambda: [1], metadata={
-        "doc": "the full-parameter job also runs with these seeds (its base scores come with it), so the "
-               "S_full - S_base every C_l divides by is measured on two seeds and C_l CIs cover its seed "
-               "variation; [] for none"})
-    extreme_seeds: list = field(default_factory=list, metadata={
-        "doc": "after the first pass, rerun full and the best and worst single layer (by the first seed's "
-               "contributions) with these seeds"})
-    layer_sets: list = field(default_factory=list, metadata={"doc": "extra layer specs, e.g. [middle:2, '3,5']"})
-    train: dict = field(default_factory=dict, metadata={"doc": "training config keys shared by every job"})
+    """What a sweep runs (its YAML keys; the sweep's flags are generated from these fields)."""
+
+    KEY_NOUN: ClassVar[str] = "sweep key"
+    models: list = setting(["tiny-qwen3"], "models to sweep")
+    tasks: list = setting(["arith"], "tasks to sweep")
+    algos: list = setting(["grpo"], "algorithm presets to sweep")
+    seeds: list = setting([0], "seeds; each job runs once per seed")
+    single_layers: bool | list = setting(True, "one job per single layer: true (every block), false, or only "
+                                               "the listed block indices (e.g. 0,4,8,12)", metavar="LIST",
+                                         no_doc="no single-layer jobs")
+    full_seeds: list = setting([1], "the full-parameter job also runs with these seeds (its base scores come with "
+                                    "it), so the S_full - S_base every C_l divides by is measured on two seeds and "
+                                    "C_l CIs cover its seed variation; none for no extra seeds", metavar="SEEDS")
+    extreme_seeds: list = setting([], "after the first pass, rerun full and the best and worst single layer (by the "
+                                      "first seed's contributions) with these seeds", metavar="SEEDS",
+                                  default_doc="no second pass")
+    layer_sets: list = setting([], "extra layer spec to run, e.g. middle:2 or 3,5", flag="--layer-set", repeat=True)
+    train: dict = setting({}, "training config key for every job", flag="--set")
+
+    def validate(self) -> None:
+        for key in ("models", "tasks", "algos", "seeds"):
+            if not getattr(self, key):
+                raise ConfigError(f"sweep key {key!r} must list at least one value")
+        for key in ("seeds", "full_seeds", "extreme_seeds"):
+            bad = [s for s in getattr(self, key) if isinstance(s, bool) or not isinstance(s, int)]
+            if bad:
+                raise ConfigError(f"sweep key {key!r}: {bad[0]!r} is not a seed; list integers, e.g. 0,1")
+        forbidden = {"model", "task", "algo", "seed", "layers"} & set(self.train)
+        if forbidden:
+            raise ConfigError(f"sweep 'train' keys {sorted(forbidden)} are swept; set them with "
+                              "models/tasks/algos/seeds/layer_sets")
 
 
 @dataclass(frozen=True)
@@ -47,33 +61,8 @@ class Job:
 
 
 def make_spec(values: dict) -> SweepSpec:
-    names = {f.name for f in dataclasses.fields(SweepSpec)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"unknown sweep key {key!r}; valid keys: {', '.join(sorted(names))}")
-    spec = SweepSpec(**{k: v for k, v in values.items()})
-    if isinstance(spec.single_layers, str):
-        spec.single_layers = {"true": True, "false": False}.get(spec.single_layers.strip().lower(),
-                                                                 [x for x in spec.single_layers.split(",") if x.strip()])
-    if isinstance(spec.single_layers, int) and not isinstance(spec.single_layers, bool):
-        spec.single_layers = [spec.single_layers]
-    if isinstance(spec.full_seeds, str) and spec.full_seeds.strip().lower() in ("none", ""):
-        spec.full_seeds = []
-    for key in ("models", "tasks", "algos", "seeds", "layer_sets", "extreme_seeds", "full_seeds"):
-        value = getattr(spec, key)
-        if not isinstance(value, list):
-            setattr(spec, key, [value])
-    for key in ("models", "tasks", "algos", "seeds"):
-        if not getattr(spec, key):
-            raise ConfigError(f"sweep key {key!r} must list at least one value")
-    for key in ("seeds", "full_seeds", "extreme_seeds"):
-        bad = [s for s in getattr(spec, key) if isinstance(s, bool) or not isinstance(s, int)]
-        if bad:
-            raise ConfigError(f"sweep key {key!r}: {bad[0]!r} is not a seed; list integers, e.g. 0,1")
-    forbidden = {"model", "task", "algo", "seed", "layers"} & set(spec.train)
-    if forbidden:
-        raise ConfigError(f"sweep 'train' keys {sorted(forbidden)} are swept; set them with models/tasks/algos/seeds/layer_sets")
-    return spec
+    """The spec of a dict of sweep keys (a YAML file, flags on top): lists may be comma-separated strings."""
+    return make_config(values, SweepSpec)
 
 
 def _slug(text: str) -> str:
@@ -83,6 +72,8 @@ def _slug(text: str) -> str:
 def extreme_jobs(spec: SweepSpec, contributions: list[dict]) -> list[Job]:
     """The second pass of `spec.extreme_seeds`: full and the best and worst single layer of each condition
     (by contribution; `contributions` are rows of contributions.csv), once per extra seed."""
+    from onelayer.models import model_num_layers
+
     if not spec.extreme_seeds:
         return []
     by_condition: dict[str, list[dict]] = {}
@@ -99,6 +90,8 @@ def extreme_jobs(spec: SweepSpec, contributions: list[dict]) -> list[Job]:
 
 
 def _jobs_for(spec: SweepSpec, model: str, task: str, algo: str, seeds, layer_specs, n_layers: int) -> list[Job]:
+    from onelayer.models.layer_spec import describe_layers, parse_layer_spec
+
     jobs = []
     for seed in seeds:
         for layers in layer_specs:
@@ -112,6 +105,9 @@ def _jobs_for(spec: SweepSpec, model: str, task: str, algo: str, seeds, layer_sp
 
 def plan(spec: SweepSpec) -> list[Job]:
     """Every job of the sweep's first pass, in a stable order (base and full first within each condition)."""
+    from onelayer.models import model_num_layers
+    from onelayer.models.layer_spec import parse_layer_spec
+
     jobs: list[Job] = []
     for model in spec.models:
         n_layers = model_num_layers(model)

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from onelayer.config import ConfigError, TrainConfig
+from onelayer.config import ConfigError, TrainConfig, task_defaults
 from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers, resolve_real
 from onelayer.models.layer_spec import parse_layer_spec
 from onelayer.models.layers import block_lr_multipliers
@@ -15,13 +15,15 @@ from onelayer.rollout.sampler import LocalSampler
 from onelayer.train.warmstart import warm_started
 
 
+# onelayer's defaults for the settings a task may suggest its own values for (`task_default` on their
+# TrainConfig fields): the completion budget (the task's ``max_completion_length``) and ``task.train_defaults``
+_TASK_DEFAULTS = task_defaults(TrainConfig)
+TASK_TUNABLE = {k: v for k, v in _TASK_DEFAULTS.items() if k != "max_completion_length"}
+
+
 def completion_budget(cfg: TrainConfig, task, ignore_config: bool = False) -> int:
-    """Max new tokens per completion: the config's value, else the task's suggestion, else 64."""
+    """Max new tokens per completion: the config's value, else the task's suggestion (`Task`: 64)."""
     return (None if ignore_config else cfg.max_completion_length) or task.max_completion_length
-
-
-# onelayer's defaults for the settings a task may suggest its own values for (``task.train_defaults``)
-TASK_TUNABLE = {"prompts_per_step": 16, "max_steps": 300, "learning_rate": 1e-4, "warmup_steps": 0, "check_every": 0}
 
 
 def with_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
