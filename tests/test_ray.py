@@ -37,6 +37,7 @@ def test_ray_executor_matches_local(warm, local_ray, tmp_path):
         assert [(x["attempt"], x["status"]) for x in attempts] == [(1, "done")]
 
 
+@pytest.mark.slow
 def test_failed_job_is_retried_then_recorded(local_ray, tmp_path):
     from onelayer.sweep.ray_executor import run_ray
 

@@ -7,10 +7,10 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from helpers import kill_seed, poll_until
 from onelayer import tasks
 from onelayer.cli import main
 from onelayer.config import ConfigError
@@ -98,11 +98,11 @@ def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_job
                                                                "--set", "save_every=3")]
     # Kill at a random point of the training work (3 trained jobs x 40 steps), found by polling the
     # metrics files rather than by wall-clock time, so a faster machine or trainer cannot finish first.
-    target = random.Random().randrange(0, 3 * 40 - 4)
+    seed = kill_seed()
+    target = random.Random(seed).randrange(0, 3 * 40 - 4)
+    print(f"kill point: after {target} of 120 logged steps (seed {seed}; ONELAYER_KILL_SEED={seed} replays it)")
     proc = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while steps_logged(out) < target and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll_until(lambda: steps_logged(out) >= target or proc.poll() is not None, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")}
