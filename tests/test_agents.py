@@ -151,6 +151,7 @@ def test_episode_level_advantages_for_grpo_and_gigpo_on_rows():
                        advantages(single, get_preset("grpo"), "group", balance_episodes=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["gigpo", "grpo"])
 def test_train_and_eval_on_grid_end_to_end(tmp_path, onelayer_cache, algo):
     out = tmp_path / algo

@@ -202,6 +202,35 @@ def test_a_registered_estimator_is_what_the_trainer_runs(tmp_path):
     assert read_json(tmp_path / "run" / "config.json")["advantage"] == "test_zero"
 
 
+def one_step_advantages(name, rewards, group_ids, preset=None, **kw):
+    """Estimator ``name`` of ADVANTAGES on one-step episodes: each row is a trajectory of one step, and every
+    episode of a group starts in the same state (one anchor per group)."""
+    return ADVANTAGES[name].fn(rewards, torch.arange(len(rewards)), group_ids, [int(g) for g in group_ids],
+                               preset=preset, **kw)
+
+
+# three groups of four: mixed rewards, mixed rewards, one constant group (no signal: zero advantage)
+BATCH_REWARDS = T([1.0, 0.0, 0.0, 1.0, 0.2, 0.9, 0.4, 0.4, 0.5, 0.5, 0.5, 0.5])
+BATCH_GROUPS = T([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+
+
+def per_group_sums(adv, group_ids):
+    return torch.zeros(int(group_ids.max()) + 1).index_add_(0, group_ids, adv)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+@pytest.mark.parametrize("scale", ["none", "group"])
+def test_every_advantage_estimator_centres_each_group_and_zeroes_constant_ones(name, scale):
+    adv = one_step_advantages(name, BATCH_REWARDS, BATCH_GROUPS, scale=scale)
+    assert adv.shape == BATCH_REWARDS.shape and torch.isfinite(adv).all()
+    close(per_group_sums(adv, BATCH_GROUPS), [0.0, 0.0, 0.0])
+    assert torch.equal(adv[BATCH_GROUPS == 2], torch.zeros(4))
+    # a better reward in its group never gets a smaller advantage
+    for g in range(2):
+        r, a = BATCH_REWARDS[BATCH_GROUPS == g], adv[BATCH_GROUPS == g]
+        assert all(a[i] >= a[j] for i in range(4) for j in range(4) if r[i] > r[j])
+
+
 # ----------------------------------------------------------------------------- policy loss
 
 
@@ -280,7 +309,23 @@ def test_aggregations(agg, norm_len, expected):
     )
     close(loss, expected)
     assert stats["loss"] == pytest.approx(expected)
-    assert set(LOSS_AGGREGATIONS) == {"seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean"}
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGREGATIONS)
+def test_every_aggregation_is_the_token_mean_when_every_row_is_full_length(agg):
+    # the aggregations differ only in how they weigh rows of different lengths (and norm_len defaults to T)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, stats = policy_loss(logp, torch.zeros(2, 3), T(AGG_ADV), torch.ones(2, 3), agg=agg)
+    close(loss, -21 / 6)
+    loss.backward()
+    close(logp.grad, (-T(AGG_ADV) / 6).tolist())
+
+
+def test_an_unknown_aggregation_names_the_valid_ones():
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError) as e:
+        policy_loss(z, z, T([1.0]), torch.ones(1, 2), agg="sum")
+    assert "'sum'" in str(e.value) and all(agg in str(e.value) for agg in LOSS_AGGREGATIONS)
 
 
 def test_sequence_advantages_broadcast_and_empty_row():
@@ -357,17 +402,78 @@ def test_policy_loss_errors():
 # ----------------------------------------------------------------------------- presets
 
 
-def test_presets():
-    assert get_preset("grpo") == AlgoPreset("grpo", "group", "group", "seq-mean-token-mean", 0.0)
-    assert get_preset("dr_grpo") == AlgoPreset("dr_grpo", "group", "none", "seq-mean-token-sum-norm", 0.0)
-    g = get_preset("gigpo")
-    assert (g.advantage, g.scale, g.loss_agg, g.beta, g.gamma, g.omega) == (
-        "gigpo", "group", "token-mean", 0.0, 0.95, 1.0
-    )
-    for p in PRESETS.values():
+def test_get_preset_finds_every_preset_and_an_unknown_name_lists_them():
+    for name, p in PRESETS.items():
+        assert get_preset(name) is p and p.name == name
         assert p.advantage in ADVANTAGES and p.loss_agg in LOSS_AGGREGATIONS
-    with pytest.raises(ValueError, match="dr_grpo, gigpo, grpo"):
+    with pytest.raises(ValueError) as e:
         get_preset("ppo")
+    assert "unknown algorithm 'ppo'" in str(e.value) and all(name in str(e.value) for name in PRESETS)
+
+
+def preset_step(p: AlgoPreset, rewards, group_ids, lengths):
+    """One update of preset ``p`` at ratio 1: its advantages, then its loss over rows of ``lengths`` tokens."""
+    adv = one_step_advantages(p.advantage, rewards, group_ids, scale=p.scale, preset=p)
+    width = max(lengths)
+    mask = torch.arange(width)[None, :] < T(lengths)[:, None]
+    logp = torch.full((len(lengths), width), -1.0, requires_grad=True)
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask, ref_logp=logp.detach() - 0.1, beta=p.beta,
+                              agg=p.loss_agg)
+    loss.backward()
+    return adv, loss, stats, logp.grad, mask
+
+
+LENGTHS = [1, 3, 2, 4, 4, 1, 2, 3, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs_its_advantage_and_loss_to_finite_numbers(name):
+    p = get_preset(name)
+    adv, loss, stats, grad, mask = preset_step(p, BATCH_REWARDS, BATCH_GROUPS, LENGTHS)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert all(math.isfinite(v) for v in stats.values()) and stats["kl"] > 0
+    close(per_group_sums(adv, BATCH_GROUPS), [0.0, 0.0, 0.0])
+    # descending the loss raises the log-probs of better-than-group completions and lowers the others'
+    sign = torch.sign(adv)[:, None].expand_as(grad)
+    assert torch.equal(torch.sign(-grad)[mask], sign[mask]) and torch.equal(grad[~mask], torch.zeros(int((~mask).sum())))
+    # std scaling makes the advantages blind to the reward's units; without it they are in those units
+    scaled, *_ = preset_step(p, 10 * BATCH_REWARDS + 3, BATCH_GROUPS, LENGTHS)
+    close(scaled, (adv if p.scale in ("group", "batch") else 10 * adv).tolist(), tol=1e-4)
+
+
+def token_weights(p: AlgoPreset):
+    """|gradient| per token of two rows of equal |advantage| and lengths 1 and 3."""
+    *_, grad, mask = preset_step(p, T([1.0, 0.0]), T([0, 0]), [1, 3])
+    return grad.abs()[0, 0].item(), grad.abs()[1, 0].item()
+
+
+def test_grpo_standardises_per_group_and_weighs_every_sequence_alike():
+    grpo = get_preset("grpo")
+    adv, *_ = preset_step(grpo, BATCH_REWARDS, BATCH_GROUPS, LENGTHS)
+    for g in range(2):
+        assert adv[BATCH_GROUPS == g].std().item() == pytest.approx(1.0, abs=1e-5)
+    short, long = token_weights(grpo)
+    assert short == pytest.approx(3 * long)  # a sequence's tokens share its weight
+
+
+def test_dr_grpo_neither_scales_by_std_nor_weighs_by_length():
+    dr = get_preset("dr_grpo")
+    adv, *_ = preset_step(dr, BATCH_REWARDS, BATCH_GROUPS, LENGTHS)
+    means = torch.stack([BATCH_REWARDS[BATCH_GROUPS == g].mean() for g in range(3)])
+    close(adv, (BATCH_REWARDS - means[BATCH_GROUPS]).tolist())
+    short, long = token_weights(dr)
+    assert short == pytest.approx(long)  # every token weighs the same, however long its sequence
+
+
+def test_gigpo_on_one_step_episodes_from_one_state_is_grpo_plus_its_step_term():
+    # every step is its episode's first and shares the group's start state: the step-level advantage equals
+    # the episode-level one, and with the documented omega = 1 it weighs as much, so GiGPO gives twice GRPO's
+    gigpo, grpo = get_preset("gigpo"), get_preset("grpo")
+    adv, *_ = preset_step(gigpo, BATCH_REWARDS, BATCH_GROUPS, LENGTHS)
+    base, *_ = preset_step(grpo, BATCH_REWARDS, BATCH_GROUPS, LENGTHS)
+    close(adv, (2 * base).tolist())
+    short, long = token_weights(gigpo)
+    assert short == pytest.approx(long)  # token-mean: every token of the batch weighs the same
 
 
 # ----------------------------------------------------------------------------- duplicate merging

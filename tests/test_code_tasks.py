@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from onelayer import sandbox, tasks
+from onelayer import sandbox
 from onelayer.tasks import CodeJSONLTask, HumanEvalTask, TaskError, make, mean_pass_at_k, pass_at_k
 from onelayer.tasks.code import (
     HUMANEVAL_STOP_SEQUENCES,
@@ -414,7 +414,7 @@ def test_malformed_rows(tmp_path):
         make("code_jsonl", path=str(tmp_path / "empty.jsonl"))
 
 
-def test_registry_names():
-    names = tasks.registered()
-    assert {"humaneval", "code_jsonl", "mbpp"} <= set(names)
-    assert isinstance(make("mbpp", path=str(MBPP)), CodeJSONLTask)
+def test_mbpp_is_the_code_jsonl_task_under_another_name():
+    mbpp, code = make("mbpp", path=str(MBPP)), make("code_jsonl", path=str(MBPP))
+    assert isinstance(mbpp, CodeJSONLTask) and mbpp.options == code.options
+    assert mbpp.items("train") == code.items("train") and mbpp.items("eval") == code.items("eval")

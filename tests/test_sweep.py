@@ -7,23 +7,16 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from onelayer import tasks
+from helpers import kill_seed, poll_until
 from onelayer.cli import main
 from onelayer.config import ConfigError
 from onelayer.models.layer_spec import LayerSpecError
 from onelayer.sweep import make_spec, plan
-from onelayer.train.warmstart import warm_started
 
 SMALL = ["--task-opt", "n_eval=200", "--set", "save_model=false"]
-
-
-@pytest.fixture(scope="module")
-def warm(onelayer_cache):
-    return warm_started("tiny-qwen3", tasks.make("arith", n_eval=200), max_new_tokens=8)
 
 
 def test_default_plan_is_base_full_and_every_layer_with_stable_ids():
@@ -61,7 +54,7 @@ def sweep_args(out, *extra):
 
 
 @pytest.mark.slow
-def test_sweep_writes_store_and_rerun_skips_done_jobs(warm, tmp_path):
+def test_sweep_writes_store_and_rerun_skips_done_jobs(base_dir, tmp_path):
     out = tmp_path / "sw"
     assert main(sweep_args(out, "--set", "max_steps=4")) == 0
     rows = read_csv(out / "results.csv")
@@ -79,7 +72,7 @@ def test_sweep_writes_store_and_rerun_skips_done_jobs(warm, tmp_path):
 
 
 @pytest.mark.slow
-def test_processes_executor_matches_local(warm, tmp_path):
+def test_processes_executor_matches_local(base_dir, tmp_path):
     common = ["--set", "max_steps=3", "--set", "threads=1"]
     assert main(sweep_args(tmp_path / "a", *common)) == 0
     assert main(sweep_args(tmp_path / "b", *common, "--executor", "processes", "--workers", "2")) == 0
@@ -92,17 +85,17 @@ def steps_logged(out):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_jobs(warm, tmp_path):
+def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_jobs(base_dir, tmp_path):
     out = tmp_path / "kill"
     args = [sys.executable, "-m", "onelayer.cli", *sweep_args(out, "--layer-set", "5", "--set", "max_steps=40",
                                                                "--set", "save_every=3")]
     # Kill at a random point of the training work (3 trained jobs x 40 steps), found by polling the
     # metrics files rather than by wall-clock time, so a faster machine or trainer cannot finish first.
-    target = random.Random().randrange(0, 3 * 40 - 4)
+    seed = kill_seed()
+    target = random.Random(seed).randrange(0, 3 * 40 - 4)
+    print(f"kill point: after {target} of 120 logged steps (seed {seed}; ONELAYER_KILL_SEED={seed} replays it)")
     proc = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while steps_logged(out) < target and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll_until(lambda: steps_logged(out) >= target or proc.poll() is not None, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in out.glob("jobs/*/eval.json")}
@@ -120,7 +113,7 @@ def test_sigkill_at_random_point_then_rerun_completes_without_rerunning_done_job
 
 
 @pytest.mark.slow
-def test_failed_job_is_resumed_and_retry_failed_restarts_it(warm, tmp_path):
+def test_failed_job_is_resumed_and_retry_failed_restarts_it(base_dir, tmp_path):
     out = tmp_path / "fail"
     assert main(sweep_args(out, "--set", "max_steps=4")) == 0
     job = next(p for p in out.glob("jobs/*") if json.loads((p / "eval.json").read_text())["layers"] == "3")

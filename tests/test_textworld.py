@@ -1,6 +1,7 @@
 """The ``textworld`` environment: generated games, walkthrough replays, determinism, anchors, caching.
 
-Games are generated once into a module-wide temporary cache (about 2-3 s each; six games in all).
+Games are generated once into a module-wide temporary cache (about 2-3 s each; six games in all), so every
+test that plays one is marked slow.
 """
 
 import os
@@ -44,6 +45,7 @@ def _check_obs(obs, limit):
     assert "$$" not in obs and "___" not in obs and "  " not in obs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("challenge,level", [("tw-coin_collector", 1), ("tw-treasure_hunter", 1),
                                              ("tw-simple", 1), ("tw-cooking", 1)])
 def test_walkthrough_replay_wins(cache, challenge, level):
@@ -70,6 +72,7 @@ def test_walkthrough_replay_wins(cache, challenge, level):
         env.close()
 
 
+@pytest.mark.slow
 def test_expert_actions_win_and_obs_is_clean(cache):
     env = envs.make("textworld", challenge="tw-simple", level=1, cache_dir=cache, max_obs_chars=100)
     try:
@@ -87,6 +90,7 @@ def test_expert_actions_win_and_obs_is_clean(cache):
         env.close()
 
 
+@pytest.mark.slow
 def test_reset_is_deterministic_and_seeds_select_games(cache):
     env = TextWorldEnv(challenge="tw-simple", level=1, cache_dir=cache)
     try:
@@ -107,6 +111,7 @@ def test_reset_is_deterministic_and_seeds_select_games(cache):
     assert TextWorldEnv(seed=0).game_seed(-1) == 2**32 - 1
 
 
+@pytest.mark.slow
 def test_open_games_are_bounded(cache):
     env = TextWorldEnv(challenge="tw-simple", level=1, cache_dir=cache)
     env.max_open_games = 1
@@ -119,6 +124,7 @@ def test_open_games_are_bounded(cache):
     assert not env._games
 
 
+@pytest.mark.slow
 def test_anchor_returns_with_the_room(cache):
     env = TextWorldEnv(challenge="tw-treasure_hunter", level=1, cache_dir=cache)
     try:
@@ -138,6 +144,7 @@ def test_anchor_returns_with_the_room(cache):
         env.close()
 
 
+@pytest.mark.slow
 def test_invalid_action_keeps_anchor(cache):
     env = TextWorldEnv(challenge="tw-coin_collector", level=1, cache_dir=cache)
     try:
@@ -153,6 +160,7 @@ def test_invalid_action_keeps_anchor(cache):
         env.close()
 
 
+@pytest.mark.slow
 def test_games_are_cached_not_regenerated(cache, monkeypatch):
     env = TextWorldEnv(challenge="tw-coin_collector", level=1, cache_dir=cache)
     path = env.game_file(0)
@@ -237,6 +245,7 @@ def test_clean_text():
     assert clean_text("caf\u00e9") == "caf?"
 
 
+@pytest.mark.slow
 def test_short_gigpo_run_on_generated_games(tmp_path, monkeypatch):
     """GiGPO end to end on generated TextWorld games (any success rate; here: it runs and logs)."""
     import json

@@ -2,14 +2,15 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from helpers import kill_seed, poll_until
 from onelayer.cli import main
 from onelayer.io import read_jsonl
 from onelayer.models import ModelError, load_policy
@@ -117,12 +118,19 @@ def test_unknown_yaml_key_exit_2(tmp_path):
 def test_killed_run_resumes_from_checkpoint(base_dir, tmp_path):
     out = tmp_path / "kill"
     args = ["train", "--out", str(out), *FAST, "--layers", "middle:1", "--max-steps", "60", "--save-every", "5"]
+    # kill at a random step after the first checkpoint (step 5), found by polling the metrics, not the clock
+    seed = kill_seed()
+    target = random.Random(seed).randrange(6, 56)
+    print(f"kill point: after {target} of 60 logged steps (seed {seed}; ONELAYER_KILL_SEED={seed} replays it)")
     proc = subprocess.Popen([sys.executable, "-m", "onelayer.cli", *args], env=os.environ.copy(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 10):
-        time.sleep(0.02)
+    state, metrics = out / "checkpoint" / "state.json", out / "metrics.jsonl"
+
+    def reached():
+        return (state.is_file() and json.loads(state.read_text())["step"] >= 5 and metrics.is_file()
+                and len(metrics.read_text().splitlines()) >= target)
+
+    poll_until(lambda: reached() or proc.poll() is not None, timeout=240)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "eval.json").exists(), "run finished before it could be killed"
