@@ -9,9 +9,9 @@ from onelayer import envs, tasks
 from onelayer.algos import get_preset
 from onelayer.cli import main
 from onelayer.models import build_tiny
-from onelayer.rollout.episodes import merge_batches, play
-from onelayer.rollout import sample
 from onelayer.policy import sequence_logprobs
+from onelayer.rollout import sample
+from onelayer.rollout.episodes import merge_batches, play
 from onelayer.train.experience import Experience, advantages
 
 

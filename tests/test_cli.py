@@ -8,8 +8,18 @@ import re
 import pytest
 
 from onelayer.cli import _values, build_parser, flag_name, main, preset_path
-from onelayer.config import DTYPE_ALIASES, DTYPES, ConfigError, load_yaml, make_config
-from onelayer.config import BenchConfig, EvalConfig, PlanConfig, SweepConfig, TrainConfig
+from onelayer.config import (
+    DTYPE_ALIASES,
+    DTYPES,
+    BenchConfig,
+    ConfigError,
+    EvalConfig,
+    PlanConfig,
+    SweepConfig,
+    TrainConfig,
+    load_yaml,
+    make_config,
+)
 from onelayer.sweep import SweepSpec, make_spec
 
 CONFIGS = {"train": (TrainConfig,), "eval": (TrainConfig, EvalConfig), "sweep": (SweepSpec, SweepConfig),

@@ -6,8 +6,8 @@ import torch
 from onelayer.algos import policy_loss
 from onelayer.models import build_tiny
 from onelayer.models.layers import fingerprint_frozen, frozen_unchanged, select_layers, trainable_parameters
-from onelayer.rollout import sample
 from onelayer.policy import sequence_logprobs
+from onelayer.rollout import sample
 from onelayer.train.precision import Precision
 
 LR, STEPS = 1e-6, 20

@@ -104,8 +104,8 @@ def test_two_step_single_layer_run(tmp_path):
 
 
 def test_stop_strings_cut_rollouts_and_their_logprobs(smollm):
-    from onelayer.rollout import sample_texts
     from onelayer.policy import sequence_logprobs
+    from onelayer.rollout import sample_texts
 
     model, tok = smollm
     prompt = "1+1=2\n2+3=5\n4+4=8\n3+2="

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-from onelayer.rollout import RolloutBatch, left_pad, sample
 from onelayer.policy import sequence_logprobs
+from onelayer.rollout import RolloutBatch, left_pad, sample
 
 PAD, EOS, VOCAB = 0, 1, 50
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33, 34]]

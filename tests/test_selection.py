@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from onelayer.cli import main
-from onelayer.train.update import warmup_lr
 from onelayer.train.selection import BestKeeper, holdout, is_check_step
+from onelayer.train.update import warmup_lr
 
 
 def test_holdout_and_check_steps():

@@ -20,10 +20,16 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from onelayer.config import ConfigError
-from onelayer.rollout import RolloutBatch, sample
 from onelayer.policy import sequence_logprobs
+from onelayer.rollout import RolloutBatch, sample
 from onelayer.rollout.vllm_backend import (
-    VLLM_MISSING, VLLMSampler, outputs_to_batch, policy_dir, recompute_logprobs, require_vllm, vllm_available,
+    VLLM_MISSING,
+    VLLMSampler,
+    outputs_to_batch,
+    policy_dir,
+    recompute_logprobs,
+    require_vllm,
+    vllm_available,
 )
 
 PAD, EOS, VOCAB = 0, 1, 50

@@ -169,7 +169,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
                      max_retries=run.max_retries)
     failed = [r for r in rows if r["status"] != "done"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f"; not done: {', '.join(r['job_id'] for r in failed)}" if failed else ""))
+    print(f"{len(rows) - len(failed)} of {len(rows)} jobs done"
+          + (f"; not done: {', '.join(r['job_id'] for r in failed)}" if failed else ""))
     return 0 if not failed else 1
 
 
@@ -272,13 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from onelayer.analysis.compare import CompareError
+    from onelayer.bench import BenchError
     from onelayer.models import ModelError
     from onelayer.models.layer_spec import LayerSpecError
     from onelayer.tasks import TaskError
     from onelayer.train.warmstart import WarmStartError
-
-    from onelayer.analysis.compare import CompareError
-    from onelayer.bench import BenchError
 
     return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError, CompareError, BenchError
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import yaml
 
-
 # One dtype vocabulary for every command; the short spellings are accepted and recorded as the long names.
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -66,7 +65,8 @@ class TrainConfig:
     algo: str = _f("grpo", "algorithm preset: grpo, dr_grpo, gigpo (gigpo: agent tasks)")
     loss_type: str | None = _f(None, "override the preset's loss aggregation: seq-mean-token-mean, seq-mean-token-sum-norm, "
                                      "token-mean", default_doc="the preset's")
-    scale_rewards: str | None = _f(None, "override the preset's advantage scaling: group, batch, none", default_doc="the preset's")
+    scale_rewards: str | None = _f(None, "override the preset's advantage scaling: group, batch, none",
+                                   default_doc="the preset's")
     advantage: str | None = _f(None, "override the preset's advantage estimator (a name registered in "
                                      "onelayer.algos.ADVANTAGES: group, gigpo)", default_doc="the preset's")
     beta: float | None = _f(None, "KL coefficient (k3 estimator) against the initial policy; 0 disables the "
@@ -108,7 +108,8 @@ class TrainConfig:
                                "counts), not the last ones; the eval split is never used to choose")
     # evaluation, logging, checkpoints
     eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after)", resume_free=True)
-    collapse_window: int = _f(10, "collapse guard: steps in its rolling means of reward, KL and invalid-action rate", resume_free=True)
+    collapse_window: int = _f(10, "collapse guard: steps in its rolling means of reward, KL and invalid-action rate",
+                              resume_free=True)
     collapse_fraction: float = _f(0.5, "collapse guard: flag when the rolling reward falls below this fraction of "
                                        "its starting value (for collapse_window steps in a row)", resume_free=True)
     save_every: int = _f(25, "checkpoint every N steps (a killed run resumes from the last one)", resume_free=True)
@@ -252,7 +253,8 @@ def validate_train(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key {key!r}: {msg} (got {getattr(cfg, key)!r})")
 
     need(cfg.algo in PRESETS, "algo", f"must be one of {', '.join(PRESETS)}")
-    need(cfg.loss_type is None or cfg.loss_type in LOSS_AGGREGATIONS, "loss_type", f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
+    need(cfg.loss_type is None or cfg.loss_type in LOSS_AGGREGATIONS, "loss_type",
+         f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
     need(cfg.advantage is None or cfg.advantage in ADVANTAGES, "advantage", f"must be one of {', '.join(ADVANTAGES)}")
     need(cfg.scale_rewards is None or cfg.scale_rewards in SCALES, "scale_rewards", f"must be one of {', '.join(SCALES)}")
     if cfg.algo in PRESETS and (cfg.advantage is None or cfg.advantage in ADVANTAGES):
@@ -284,7 +286,8 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.prompt_format is None or cfg.prompt_format in PROMPT_FORMATS, "prompt_format",
          f"must be one of {', '.join(PROMPT_FORMATS)}")
     need(cfg.fewshot_k >= 1, "fewshot_k", "must be >= 1")
-    need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", "must be cpu, cuda[:N], mps or auto")
+    need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+         "must be cpu, cuda[:N], mps or auto")
 
 
 def load_yaml(path: str | Path) -> dict:

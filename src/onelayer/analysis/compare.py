@@ -18,7 +18,8 @@ def load_profiles(dirs: list[str | Path]) -> dict[str, tuple[list[float], list[f
     for d in dirs:
         path = Path(d) / "contributions.csv"
         if not path.is_file():
-            raise CompareError(f"{str(d)!r} has no contributions.csv; run `onelayer sweep --out {d}` (or `onelayer report {d}`) first")
+            raise CompareError(f"{str(d)!r} has no contributions.csv; "
+                               f"run `onelayer sweep --out {d}` (or `onelayer report {d}`) first")
         with open(path) as fh:
             rows = list(csv.DictReader(fh))
         for row in rows:
@@ -27,7 +28,8 @@ def load_profiles(dirs: list[str | Path]) -> dict[str, tuple[list[float], list[f
             depths.append(float(row["relative_depth"]))
             values.append(float(row["contribution"]))
     if len(profiles) < 2:
-        raise CompareError(f"need at least two contribution profiles to compare; found {len(profiles)} in {', '.join(map(str, dirs))}")
+        raise CompareError(f"need at least two contribution profiles to compare; "
+                           f"found {len(profiles)} in {', '.join(map(str, dirs))}")
     return profiles
 
 

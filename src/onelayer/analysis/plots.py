@@ -180,7 +180,7 @@ def plot_heatmap(groups: dict[str, list[dict]], path: Path) -> bytes:
     ax.set_xticks(range(len(conds)))
     ax.set_xticklabels(conds, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)))
-    ax.set_yticklabels([str(l) for l in layers])
+    ax.set_yticklabels([str(layer) for layer in layers])
     ax.set_xlabel("condition")
     ax.set_ylabel("layer")
     ax.set_title("Layer × condition contribution (0 = base, 1 = full RL)")

@@ -28,7 +28,6 @@ import numpy as np
 from onelayer.analysis.plots import PLOTS, _fmt, _num, plot_contribution, plot_corr, plot_curves, plot_heatmap
 from onelayer.io import atomic_write_bytes
 
-
 # ---------------------------------------------------------------- I/O helpers
 
 

@@ -45,7 +45,8 @@ def summarize(out: str | Path) -> dict:
             continue
         layer_rows = layer_contributions(runs)
         rows += [{"condition": condition, **r} for r in layer_rows]
-        summary[condition] = {"full_gain": full_gain_summary(runs), "concentration": concentration(layer_rows) if layer_rows else {},
+        summary[condition] = {"full_gain": full_gain_summary(runs),
+                              "concentration": concentration(layer_rows) if layer_rows else {},
                               # seeds of the single-layer runs (fewest over layers): what the C_l CIs cover
                               "layer_seeds": min((r["n_seeds"] for r in layer_rows), default=0),
                               "collapsed_jobs": sorted(r["job_id"] for r in runs if r.get("collapsed")),

@@ -227,7 +227,8 @@ def format_report(result: dict) -> str:
                 gen = trl["phases_s"].get("generate_and_score")
                 gen = f"(generate + score {_median(gen) * 1e3:.1f})  " if gen else ""
                 lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  {gen}"
-                             f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
+                             f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  "
+                             f"optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
         ratios = ["full_vs_trl", "layer_vs_trl", "layer_update_vs_full_update", "full_vs_floor", "floor_vs_trl",
                   "layer_peak_memory_vs_full"]
         lines.append("  " + "  ".join(f"{k} {s[k]:.2f}" for k in ratios if k in s))

@@ -41,8 +41,8 @@ def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_toke
     matmuls and not counted. `parts=True` adds the linear / attention split of each phase.
     """
     s = model_shape(config)
-    H, I, V, L = s["H"], s["I"], s["V"], s["L"]
-    linear = H * (s["q"] + 2 * s["kv"]) + s["q"] * H + 3 * H * I  # MACs per token per block
+    H, inter, V, L = s["H"], s["I"], s["V"], s["L"]
+    linear = H * (s["q"] + 2 * s["kv"]) + s["q"] * H + 3 * H * inter  # MACs per token per block
     attn = lambda ctx: 2 * s["heads"] * s["head_dim"] * ctx  # noqa: E731 - QK^T and AV, MACs per query token
     N, G, T = len(prompt_lens), num_generations, new_tokens
     P = max(prompt_lens)

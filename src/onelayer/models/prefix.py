@@ -18,7 +18,7 @@ from torch import nn
 
 from onelayer.models.layers import find_blocks
 
-_TUPLE_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_TUPLE_BLOCKS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 class _Stop(Exception):

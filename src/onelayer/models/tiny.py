@@ -8,7 +8,6 @@ itself: no hub, no download, and `save_pretrained` / `AutoTokenizer.from_pretrai
 
 from __future__ import annotations
 
-
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 

@@ -18,7 +18,7 @@ from onelayer.policy.ops import causal_allowed, position_ids
 
 SUPPORTED_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 # per model object: None when the lean paths matched its forward on the probe, else why they did not
-_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+_VERIFIED: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
 
 
 def lean_support(model) -> str | None:

@@ -3,7 +3,12 @@ they hand the trainer (`batch`). The log-probs the RL loss recomputes live in `o
 
 from onelayer.rollout.batch import RolloutBatch, left_pad
 from onelayer.rollout.sampling import (
-    decode_completions, encode_prompts, sample, sample_texts, stop_token_ids, truncate_at_stops,
+    decode_completions,
+    encode_prompts,
+    sample,
+    sample_texts,
+    stop_token_ids,
+    truncate_at_stops,
 )
 
 __all__ = ["RolloutBatch", "decode_completions", "encode_prompts", "left_pad", "sample", "sample_texts",

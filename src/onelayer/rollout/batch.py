@@ -31,7 +31,7 @@ class RolloutBatch:
     @classmethod
     def assemble(cls, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
                  completion_mask: torch.Tensor, logprobs: torch.Tensor, num_generations: int,
-                 block_input: torch.Tensor | None = None, block_index: int | None = None) -> "RolloutBatch":
+                 block_input: torch.Tensor | None = None, block_index: int | None = None) -> RolloutBatch:
         """The batch of N left-padded prompts (`prompt_ids`, `prompt_mask` [N, P]) and their G completions each,
         prompt-major: `tokens` [N*G, T] (padded after EOS), bool `completion_mask` and `logprobs` [N*G, T]."""
         N, P = prompt_ids.shape
@@ -49,7 +49,7 @@ class RolloutBatch:
             block_index=block_index,
         )
 
-    def map(self, fn) -> "RolloutBatch":
+    def map(self, fn) -> RolloutBatch:
         """The batch with `fn` applied to every tensor field (e.g. ``lambda t: t.to(device)``)."""
         return RolloutBatch(**{f.name: (fn(v) if torch.is_tensor(v := getattr(self, f.name)) else v)
                                for f in fields(self)})

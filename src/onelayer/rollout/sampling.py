@@ -214,7 +214,8 @@ def truncate_at_stops(tok, batch: RolloutBatch, stop_strings) -> RolloutBatch:
     if new == lengths:
         return batch
     T = batch.completion_ids.shape[1]
-    keep = (torch.arange(T, device=batch.completion_mask.device)[None] < torch.tensor(new, device=batch.completion_mask.device)[:, None])
+    keep = (torch.arange(T, device=batch.completion_mask.device)[None]
+            < torch.tensor(new, device=batch.completion_mask.device)[:, None])
     cmask = batch.completion_mask * keep
     P = batch.prompt_len
     attention = batch.attention_mask.clone()

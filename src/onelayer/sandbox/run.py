@@ -8,9 +8,9 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Sequence
 
 from .batch import MAX_SLOTS, Job, make_job, run_batch
 from .isolation import Isolation, Limits, interpreters

@@ -441,7 +441,7 @@ class Channel:
             self.sock.setblocking(True)
             self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
             send_msg(self.sock, msg)
-        except socket.timeout:
+        except TimeoutError:
             raise ItemTimeout() from None
         except OSError as e:
             raise ProgramGone(f"the program process is gone ({e.strerror})") from None

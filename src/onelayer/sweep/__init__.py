@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from onelayer import rundir
 from onelayer.io import atomic_write_json
 from onelayer.sweep.plan import Job, SweepSpec, make_spec, plan
-from onelayer import rundir
 from onelayer.sweep.store import job_dir, write_results
 
 EXECUTORS = ("local", "processes", "ray")
@@ -111,7 +111,8 @@ def _run_jobs(jobs: list[Job], out: Path, *, executor, workers, retry_failed, lo
         for job in failed:
             rundir.reset(job_dir(out, job.id))
     log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run"
-        + (f" ({len(failed)} failed before: {'restarted from scratch' if retry_failed else 'resumed from their checkpoint'})" if failed else ""))
+        + (f" ({len(failed)} failed before: "
+           f"{'restarted from scratch' if retry_failed else 'resumed from their checkpoint'})" if failed else ""))
     prepare(todo, log=log)
     bar = tqdm(total=len(todo), desc="sweep", unit="job", disable=not progress, dynamic_ncols=True)
 
@@ -145,10 +146,12 @@ def summary_table(rows: list[dict], out: Path) -> str:
         if r["status"] != "done":
             lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8}")
             continue
-        gain = f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]" + (" COLLAPSED" if r.get("collapsed") else "")
+        gain = (f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
+                + (" COLLAPSED" if r.get("collapsed") else ""))
         c = contrib.get((r["condition"], r["layers"]))
         cstr = f"{float(c['contribution']):.2f} [{float(c['ci_low']):.2f}, {float(c['ci_high']):.2f}]" if c else ""
-        lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8} {r['score']:>6.3f} {gain:<24} {cstr:<22}")
+        lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8} "
+                     f"{r['score']:>6.3f} {gain:<24} {cstr:<22}")
     return "\n".join(lines)
 
 

@@ -14,8 +14,8 @@ import os
 import traceback
 from pathlib import Path
 
-from onelayer.io import atomic_write_json, atomic_write_text
 from onelayer import rundir
+from onelayer.io import atomic_write_json, atomic_write_text
 from onelayer.sweep.store import job_dir
 
 

@@ -1,9 +1,9 @@
 """Sweep specs and their expansion into jobs with deterministic ids.
 
 A sweep crosses models × tasks × algorithms × layer sets × seeds. Base (`none`), full (`all`) and every
-single layer are added automatically, and the full job also runs with `full_seeds` (default: seed 1 too); extra layer sets (`middle:2`, `3,5`, `top:2@FILE` …) are
-optional. A job id is derived from the job's resolved training config, so the same spec always gives
-the same ids and a rerun finds its finished jobs.
+single layer are added automatically, and the full job also runs with `full_seeds` (default: seed 1 too);
+extra layer sets (`middle:2`, `3,5`, `top:2@FILE` …) are optional. A job id is derived from the job's
+resolved training config, so the same spec always gives the same ids and a rerun finds its finished jobs.
 """
 
 from __future__ import annotations

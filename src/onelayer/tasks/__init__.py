@@ -12,15 +12,16 @@ factory is a class or function whose keyword arguments are the task's options.
 from __future__ import annotations
 
 import re
+
 from onelayer.registry import Registry
 from onelayer.stats import mean_pass_at_k, pass_at_k
 
+from .agent import AgentTask, agent_task_factory
 from .arith import ArithTask
 from .base import Task, TaskError
 from .code import CodeJSONLTask, CodeTask, HumanEvalTask
-from .pyfunc import PyFuncTask
-from .agent import AgentTask, agent_task_factory
 from .mathdata import GSM8KTask, MATHTask
+from .pyfunc import PyFuncTask
 from .rewards import RewardFuncTask, load_callable
 
 __all__ = [

@@ -41,7 +41,15 @@ import threading
 from pathlib import Path
 
 from .base import (
-    Task, TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, holdout,
+    Task,
+    TaskError,
+    check_count,
+    check_fraction,
+    check_seed,
+    check_sources,
+    check_split,
+    first_n,
+    holdout,
     source_options,
 )
 from .sources import looks_like_file, read_source, split_hub_name
@@ -222,7 +230,8 @@ class MathDataTask(Task):
         items = []
         for loc, row in rows:
             if not isinstance(row, dict):
-                raise TaskError(f"{where} {loc}: expected a JSON object with fields {self._fields_text()}, got {type(row).__name__}")
+                raise TaskError(f"{where} {loc}: expected a JSON object with fields {self._fields_text()}, "
+                                f"got {type(row).__name__}")
             for field in self.required:
                 if field not in row or row[field] is None:
                     raise TaskError(f"{where} {loc}: missing field {field!r} (each row needs {self._fields_text()})")
@@ -237,7 +246,8 @@ class MathDataTask(Task):
                     f"lacks; available fields: {', '.join(sorted(row))} (write {{{{ and }}}} for literal braces)"
                 ) from None
             except (IndexError, ValueError) as e:
-                raise TaskError(f"{self.name}: bad prompt_template {self.template!r} ({e}); use named fields like {{{self.question_field}}}") from None
+                raise TaskError(f"{self.name}: bad prompt_template {self.template!r} ({e}); "
+                                f"use named fields like {{{self.question_field}}}") from None
             item = {k: v for k, v in row.items() if k not in ("id", "prompt")}
             item.update(id=f"{tag}:{loc.split()[-1]}", prompt=prompt, final_answer=final)
             items.append(item)
@@ -317,10 +327,12 @@ class MATHTask(MathDataTask):
             return str(answer).strip()
         solution = row.get("solution")
         if solution is None:
-            raise TaskError(f"{where}: missing field 'solution' (each row needs 'problem' and 'solution' with a \\boxed{{}} answer, or an 'answer' field)")
+            raise TaskError(f"{where}: missing field 'solution' (each row needs 'problem' and 'solution' "
+                            f"with a \\boxed{{}} answer, or an 'answer' field)")
         if not isinstance(solution, str):
             raise TaskError(f"{where}: field 'solution' must be a string, got {type(solution).__name__}")
         boxed = last_boxed(solution)
         if not boxed:
-            raise TaskError(f"{where}: field 'solution' has no \\boxed{{...}} final answer (add one, or give the row an 'answer' field)")
+            raise TaskError(f"{where}: field 'solution' has no \\boxed{{...}} final answer "
+                            f"(add one, or give the row an 'answer' field)")
         return boxed

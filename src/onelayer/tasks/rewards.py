@@ -13,8 +13,8 @@ import importlib
 import importlib.util
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .base import Task, TaskError
 
@@ -75,7 +75,8 @@ class RewardFuncTask(Task):
             out = f(prompts=prompts, completions=list(completions), **columns)
             if out is None or len(out) != len(items):
                 got = "None" if out is None else f"{len(out)} values"
-                raise TaskError(f"reward function {_func_name(f)} returned {got} for {len(items)} completions; return one float (or None) per completion")
+                raise TaskError(f"reward function {_func_name(f)} returned {got} for {len(items)} completions; "
+                                f"return one float (or None) per completion")
             for i, v in enumerate(out):
                 if v is None:
                     continue
@@ -108,7 +109,8 @@ def load_callable(spec: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise TaskError(f"cannot load {spec!r}: no importable module {target!r} ({e}); check the name or use 'path/to/file.py:{attr}'") from e
+            raise TaskError(f"cannot load {spec!r}: no importable module {target!r} ({e}); "
+                            f"check the name or use 'path/to/file.py:{attr}'") from e
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

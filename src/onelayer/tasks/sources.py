@@ -36,15 +36,18 @@ def _read_local(path: Path, where: str) -> list[tuple[str, dict]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}); a .json file must hold a list of objects") from None
+            raise TaskError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}); "
+                            f"a .json file must hold a list of objects") from None
         if not isinstance(data, list):
-            raise TaskError(f"{where}: a .json file must hold a list of objects, got {type(data).__name__} (use .jsonl for one object per line)")
+            raise TaskError(f"{where}: a .json file must hold a list of objects, got {type(data).__name__} "
+                            f"(use .jsonl for one object per line)")
         return [(f"row {i}", row) for i, row in enumerate(data, 1)]
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise TaskError(f"{where}: reading .parquet needs pyarrow (pip install pyarrow), or convert the file to .jsonl") from None
+            raise TaskError(f"{where}: reading .parquet needs pyarrow (pip install pyarrow), "
+                            f"or convert the file to .jsonl") from None
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for corrupt files

@@ -25,8 +25,14 @@ from onelayer.algos import get_preset
 from onelayer.config import ConfigError, TrainConfig
 from onelayer.io import append_jsonl, atomic_write_json, read_json, read_jsonl, replace_dir, write_jsonl
 from onelayer.models.layers import (
-    block_lr_multipliers, copy_trainable, fingerprint_frozen, frozen_unchanged, param_groups, select_layers,
-    swap_weights, trainable_parameters,
+    block_lr_multipliers,
+    copy_trainable,
+    fingerprint_frozen,
+    frozen_unchanged,
+    param_groups,
+    select_layers,
+    swap_weights,
+    trainable_parameters,
 )
 from onelayer.models.prefix import reuse_block
 from onelayer.policy import forward_path, kernels, sequence_block_input, sequence_logprobs
@@ -41,7 +47,13 @@ from onelayer.train.experience import collect
 from onelayer.train.precision import Precision
 from onelayer.train.selection import BestKeeper, holdout, is_check_step
 from onelayer.train.setup import (
-    check_backend, format_task, load_model, resolve_device, rollout_sampler, setup_torch, with_task_defaults,
+    check_backend,
+    format_task,
+    load_model,
+    resolve_device,
+    rollout_sampler,
+    setup_torch,
+    with_task_defaults,
 )
 from onelayer.train.update import TrainingError, optimizer_state_bytes, update, warmup_lr
 from onelayer.train.warmstart import warm_start_info
@@ -141,7 +153,8 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
     sampler = rollout_sampler(cfg, model, tok, source, out)
     params = trainable_parameters(model)
-    block_mult = block_lr_multipliers(selection.indices, selection.num_layers, cfg.layer_lr, cfg.layers)  # per trainable block: its rate's multiplier
+    # per trainable block: its rate's multiplier
+    block_mult = block_lr_multipliers(selection.indices, selection.num_layers, cfg.layer_lr, cfg.layers)
     optimizer = torch.optim.AdamW(param_groups(model, selection, block_mult), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay) if params else None
     block_lr = {i: cfg.learning_rate * m for i, m in block_mult.items()}

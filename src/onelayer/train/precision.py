@@ -26,7 +26,7 @@ class Precision:
     device_type: str = "cpu"
 
     @classmethod
-    def from_config(cls, dtype: str, frozen_dtype: str | None, device: str) -> "Precision":
+    def from_config(cls, dtype: str, frozen_dtype: str | None, device: str) -> Precision:
         return cls(DTYPES[dtype], DTYPES[frozen_dtype or dtype], torch.device(device).type)
 
     @property

@@ -14,7 +14,6 @@ from onelayer.models.layers import block_lr_multipliers
 from onelayer.rollout.sampler import LocalSampler
 from onelayer.train.warmstart import warm_started
 
-
 # onelayer's defaults for the settings a task may suggest its own values for (`task_default` on their
 # TrainConfig fields): the completion budget (the task's ``max_completion_length``) and ``task.train_defaults``
 _TASK_DEFAULTS = task_defaults(TrainConfig)

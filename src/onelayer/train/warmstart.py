@@ -4,9 +4,10 @@ RL cannot improve a random-weight model: with no correct samples every advantage
 a built-in model is fine-tuned on the task's demonstrations (prompt → correct completion) and stopped
 as soon as its held-out score (greedy accuracy; success rate for agent tasks) enters a band that leaves
 RL room to improve (for `arith`, stop at ≥ 30 % and accept anything in 15–60 %). The held-out items
-are a slice of the *train* split kept out of fine-tuning, so the eval split stays untouched. The result is an ordinary `save_pretrained` directory
-under ``$ONELAYER_CACHE`` (default ``~/.cache/onelayer``), keyed by model, task options and settings,
-and reused by every later run; a file lock makes concurrent sweep workers build it once.
+are a slice of the *train* split kept out of fine-tuning, so the eval split stays untouched. The result is
+an ordinary `save_pretrained` directory under ``$ONELAYER_CACHE`` (default ``~/.cache/onelayer``), keyed
+by model, task options and settings, and reused by every later run; a file lock makes concurrent sweep
+workers build it once.
 """
 
 from __future__ import annotations

