@@ -177,7 +177,8 @@ def test_build_program_modes():
     assert build_program(prompt, "def f(x):\n    return 2 * x\n", "f", True).endswith("def f(x):\n    return 2 * x\n")
     # MBPP style: the completion alone
     assert build_program("Write f.\n", "def f(x):\n    return 2 * x\nThat's it.\n", "f", False) == "def f(x):\n    return 2 * x\n"
-    assert build_program("Write f.\n```python\n", "def f(x):\n    return 2 * x\n```\nok", "f", False) == "def f(x):\n    return 2 * x\n"
+    fenced = build_program("Write f.\n```python\n", "def f(x):\n    return 2 * x\n```\nok", "f", False)
+    assert fenced == "def f(x):\n    return 2 * x\n"
 
 
 def test_mbpp_entry_point():
@@ -317,7 +318,8 @@ def test_mbpp_completion_forms_fraction_reward_and_timeout():
     items = {it["entry_point"]: it for it in make("code_jsonl", path=str(MBPP), eval_fraction=0.5).items("eval")
              + make("code_jsonl", path=str(MBPP), eval_fraction=0.5).items("train")}
     fib = items["fib"]
-    fenced = "Here is my solution:\n```python\ndef fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n```\nIt loops n times."
+    fenced = ("Here is my solution:\n```python\ndef fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+              "        a, b = b, a + b\n    return a\n```\nIt loops n times.")
     prose = fib["solution"] + "\n\nThis computes Fibonacci numbers iteratively.\n"
     half = "def fib(n):\n    return n\n"  # passes fib(0) and fib(1), fails fib(10) and fib(20)
     loop = "def fib(n):\n    while True:\n        pass\n"
@@ -364,7 +366,8 @@ def test_code_jsonl_explicit_paths_limits_and_options(tmp_path):
     t = make("mbpp", path=str(_write_jsonl(tmp_path / "sanitized.jsonl", rows)), eval_fraction=0.5)
     ids = sorted(it["id"] for it in t.items("train") + t.items("eval"))
     assert ids == ["sanitized:1", "sanitized:2"]
-    assert all(it["prompt"].startswith(r["prompt"]) for it, r in zip(sorted(t.items("train") + t.items("eval"), key=lambda i: i["id"]), rows))
+    by_id = sorted(t.items("train") + t.items("eval"), key=lambda i: i["id"])
+    assert all(it["prompt"].startswith(r["prompt"]) for it, r in zip(by_id, rows))
 
 
 def test_code_jsonl_bad_options():
@@ -394,9 +397,11 @@ def test_malformed_rows(tmp_path):
         with pytest.raises(TaskError, match=pattern):
             make("code_jsonl", path=str(_write_jsonl(tmp_path / name, rows)))
 
-    bad([good, {**good, "task_id": 1, "test_list": "assert f(1) == 1"}], r"line 2: field 'test_list' must be a non-empty list.*got str")
+    bad([good, {**good, "task_id": 1, "test_list": "assert f(1) == 1"}],
+        r"line 2: field 'test_list' must be a non-empty list.*got str")
     bad([good, {**good, "task_id": 1, "test_list": []}], r"line 2: field 'test_list' must be a non-empty list.*empty list")
-    bad([good, {**good, "task_id": 1, "test_list": ["assert f(1) == 1", 3]}], r"line 2: field 'test_list' item 2 must be a string, got int")
+    bad([good, {**good, "task_id": 1, "test_list": ["assert f(1) == 1", 3]}],
+        r"line 2: field 'test_list' item 2 must be a string, got int")
     bad([{**good, "test_list": ["assert f(1 =="]}], r"line 1: field 'test_list item 1' is not valid Python")
     bad([good, {**good, "task_id": 2, "text": None}], r"line 2: missing field 'text' \(or 'prompt'\)")
     bad([good, {**good, "task_id": 2, "code": 5}], r"line 2: field 'code' must be a string, got int")

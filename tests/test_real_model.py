@@ -111,7 +111,7 @@ def test_stop_strings_cut_rollouts_and_their_logprobs(smollm):
     prompt = "1+1=2\n2+3=5\n4+4=8\n3+2="
     batch, texts = sample_texts(model, tok, [prompt], num_generations=4, max_new_tokens=12,
                                 generator=torch.Generator().manual_seed(0), stop_strings=("\n",))
-    for row, text in zip(range(4), texts):
+    for row in range(len(texts)):
         n = int(batch.completion_mask[row].sum())
         kept = tok.decode(batch.completion_ids[row, :n].tolist())
         assert "\n" not in kept[:-1] and (kept.endswith("\n") or n == batch.completion_ids.shape[1])

@@ -24,13 +24,15 @@ ISO = sb.detect_isolation()
 
 
 def test_instrument_counts_and_rewrites_asserts():
-    src, n = sb.instrument_test("def check(c):\n    assert c(1) == 2, 'one'\n    for i in range(3):\n        assert c(i)\nassert True\n")
+    src, n = sb.instrument_test("def check(c):\n    assert c(1) == 2, 'one'\n    for i in range(3):\n"
+                                "        assert c(i)\nassert True\n")
     assert n == 3
     assert "assert " not in src and src.count("__ol_assert__") == 3
 
 
 def test_plain_values_round_trip_and_others_are_refused():
-    value = [1, -2.5, float("inf"), "s", None, True, (1, 2), {3, 4}, frozenset({5}), {"a": [1], (1, 2): b"\x00\xff"}, 3 + 4j, 10**40]
+    value = [1, -2.5, float("inf"), "s", None, True, (1, 2), {3, 4}, frozenset({5}), {"a": [1], (1, 2): b"\x00\xff"},
+             3 + 4j, 10**40]
     back = decode(encode(value))
     assert back == value and type(back[6]) is tuple and type(back[7]) is set
     assert type(decode(encode(True))) is bool
@@ -109,7 +111,8 @@ HOSTILE = {
                "def check(candidate):\n    pass\n__ol_assert__ = lambda *a, **k: None"),
     "outliving_child": _hostile(
         f"subprocess.Popen(['sh', '-c', 'sleep 30; touch /tmp/{MARK}_late'], start_new_session=True)\n"
-        f"if os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n    open('/tmp/{MARK}_late2', 'w').write('x')\n    os._exit(0)\n"
+        f"if os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+        f"    open('/tmp/{MARK}_late2', 'w').write('x')\n    os._exit(0)\n"
         "return 0"),
     "ignore_sigterm": _hostile("signal.signal(signal.SIGTERM, signal.SIG_IGN)\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
                                "while True:\n    pass"),
@@ -155,7 +158,8 @@ def _leftovers() -> list[str]:
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            uid = int(next(line for line in Path(f"/proc/{entry}/status").read_text().splitlines() if line.startswith("Uid:")).split()[1])
+            status = Path(f"/proc/{entry}/status").read_text().splitlines()
+            uid = int(next(line for line in status if line.startswith("Uid:")).split()[1])
         except (OSError, StopIteration, ValueError):
             continue
         if MARK in cmd or uid >= sb.UID_BASE:
@@ -210,7 +214,8 @@ def test_without_namespaces_processes_are_still_contained():
     """Where unshare is unavailable: separate uids, rlimits and the kill sweep still hold."""
     weaker = sb.Isolation(namespaces=False, user_namespace=False, uid_drop=True, private_fs=False, interpreter=ISO.interpreter)
     names = ["fork_bomb", "outliving_child", "kill_parent", "patch_test_helpers", "read_other_users_files", "infinite_loop"]
-    results = sb.check_programs([(HOSTILE[n], SQUARE_TEST, "f") for n in names] + [("def f(x):\n    return x*x\n", SQUARE_TEST, "f")],
+    jobs = [(HOSTILE[n], SQUARE_TEST, "f") for n in names] + [("def f(x):\n    return x*x\n", SQUARE_TEST, "f")]
+    results = sb.check_programs(jobs,
                                 timeout_s=2.0, isolation=weaker, workers=1)
     for n, res in zip(names, results):
         assert res.status != "passed", f"{n} earned a pass without namespaces: {res}"

@@ -138,8 +138,8 @@ def test_single_layer_list_and_the_extreme_seeds_pass():
     assert len(plan(make_spec({"single_layers": "0", "seeds": [0, 1]}))) == 6  # seed 1 is a seed already
     with pytest.raises(LayerSpecError, match="8 layers"):
         plan(make_spec({"single_layers": [8]}))
-    rows = [{"condition": "tiny-qwen3/arith/grpo", "layer": str(l), "contribution": str(c)}
-            for l, c in ((0, 0.9), (3, -0.2), (7, 0.4))]
+    rows = [{"condition": "tiny-qwen3/arith/grpo", "layer": str(layer), "contribution": str(c)}
+            for layer, c in ((0, 0.9), (3, -0.2), (7, 0.4))]
     more = extreme_jobs(spec, rows)
-    assert [(j.layers, j.seed) for j in more] == [(l, s) for s in (1, 2) for l in ("all", "0", "3")]
+    assert [(j.layers, j.seed) for j in more] == [(layers, s) for s in (1, 2) for layers in ("all", "0", "3")]
     assert extreme_jobs(make_spec({}), rows) == []
