@@ -25,6 +25,7 @@ from onelayer.config import (
     make_config,
 )
 from onelayer.sweep.plan import SweepSpec
+from onelayer.sweep.recipes import RecipesSpec
 
 EXIT_USER_ERROR = 2
 
@@ -174,6 +175,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from onelayer.sweep.recipes import run_recipes
+
+    run = _config(args, SweepConfig)
+    rows = run_recipes(_config(args, RecipesSpec), run, out=run.out if "out" in vars(args) else None)
+    return 0 if rows else 1
+
+
 def preset_path(name: str):
     """The shipped sweep YAML of a preset name (onelayer/sweep/presets/NAME.yaml)."""
     from pathlib import Path
@@ -255,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
     _add_config_flags(p, SweepConfig)
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("recipes", help="layer-aware recipes from a sweep's contributions (Only-Bk, Boost-Bk, Mid-k, "
+                                       "worst-k, random-k vs full), run as one sweep; writes recipes.csv")
+    _add_config_flags(p, RecipesSpec)
+    _add_config_flags(p, SweepConfig)
+    next(a for a in p._actions if a.dest == "out").help = "the recipe sweep's directory (default: FROM/recipes)"
+    p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")
     p.set_defaults(func=cmd_report)

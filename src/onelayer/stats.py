@@ -29,6 +29,41 @@ def paired_bootstrap_ci(after: Sequence[float], before: Sequence[float], **kw) -
     return bootstrap_ci(a - b, **kw)
 
 
+def _counts(n: int, n_boot: int, rng) -> np.ndarray:
+    """How often each of n units is drawn in each of n_boot resamples with replacement: [n_boot, n]."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+
+
+def _seed_item_means(x: np.ndarray, seeds: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Mean of x [S, N] under per-resample seed and item counts ([B, S], [B, N])."""
+    return np.einsum("bs,sn,bn->b", seeds, x, items) / (x.shape[0] * x.shape[1])
+
+
+def seed_item_bootstrap_ci(scores, *, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0) -> list[float]:
+    """CI of the mean of per-item scores [seeds, items], resampling seeds and items (two-stage bootstrap),
+    so it covers both the seed-to-seed variation of RL and the choice of eval items."""
+    x = np.atleast_2d(np.asarray(scores, dtype=float))
+    rng = np.random.default_rng(seed)
+    means = _seed_item_means(x, _counts(x.shape[0], n_boot, rng), _counts(x.shape[1], n_boot, rng))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def paired_seed_item_bootstrap_ci(after, before, *, n_boot: int = N_BOOT, level: float = 0.95,
+                                  seed: int = 0) -> list[float]:
+    """CI of mean(after) − mean(before) for per-item scores [seeds, items] on the same eval items: items are
+    resampled jointly (paired, so item difficulty cancels), each side's seeds independently."""
+    a, b = np.atleast_2d(np.asarray(after, dtype=float)), np.atleast_2d(np.asarray(before, dtype=float))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired bootstrap needs the same eval items: {a.shape[1]} vs {b.shape[1]}")
+    rng = np.random.default_rng(seed)
+    items = _counts(a.shape[1], n_boot, rng)
+    diff = (_seed_item_means(a, _counts(a.shape[0], n_boot, rng), items)
+            - _seed_item_means(b, _counts(b.shape[0], n_boot, rng), items))
+    lo, hi = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
 def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"pass@k: {name}={value!r} must be an integer")

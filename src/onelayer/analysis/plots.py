@@ -214,3 +214,38 @@ def plot_corr(corr: dict | None, why: str | None, path: Path) -> bytes:
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="Spearman ρ")
     return _save(fig, path)
+
+
+def plot_recipe_deltas(rows: list[dict], path: Path) -> bytes:
+    """Δ vs full RL per recipe with its paired 95 % CI (recipes.csv rows)."""
+    rows = [r for r in rows if r.get("recipe") != "full" and _num(r.get("delta_vs_full")) == _num(r.get("delta_vs_full"))]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    if not rows:
+        _placeholder(ax, "no recipe with a full-RL reference")
+        return _save(fig, path)
+    y = np.arange(len(rows))
+    d = np.array([_num(r["delta_vs_full"]) for r in rows])
+    err = np.array([[d[i] - _num(r["delta_ci_low"]), _num(r["delta_ci_high"]) - d[i]] for i, r in enumerate(rows)]).T
+    ax.barh(y, d, xerr=err, color=["C2" if lo > 0 else "C3" if hi < 0 else "C7" for lo, hi in
+                                   ((_num(r["delta_ci_low"]), _num(r["delta_ci_high"])) for r in rows)], capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, [r["recipe"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("score − full RL (paired 95 % CI)")
+    return _save(fig, path)
+
+
+def plot_recipe_cost(rows: list[dict], path: Path) -> bytes:
+    """Score vs measured step time (as a ratio to full RL) per recipe."""
+    rows = [r for r in rows if _num(r.get("step_time_ratio")) == _num(r.get("step_time_ratio"))]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    if not rows:
+        _placeholder(ax, "no recipe with a full-RL reference")
+        return _save(fig, path)
+    for r in rows:
+        x, s = _num(r["step_time_ratio"]), _num(r["score"])
+        ax.errorbar(x, s, yerr=[[s - _num(r["ci_low"])], [_num(r["ci_high"]) - s]], fmt="o", capsize=3)
+        ax.annotate(r["recipe"], (x, s), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("step time / full RL's")
+    ax.set_ylabel("eval score (95 % CI over items and seeds)")
+    return _save(fig, path)

@@ -25,7 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from onelayer.analysis.plots import PLOTS, _fmt, _num, plot_contribution, plot_corr, plot_curves, plot_heatmap
+from onelayer.analysis.plots import (
+    PLOTS,
+    _fmt,
+    _num,
+    plot_contribution,
+    plot_corr,
+    plot_curves,
+    plot_heatmap,
+    plot_recipe_cost,
+    plot_recipe_deltas,
+)
 from onelayer.io import atomic_write_bytes
 
 # ---------------------------------------------------------------- I/O helpers
@@ -258,6 +268,15 @@ def build_report(out) -> Path:
         h.append(f"<h3>{html.escape(captions[name])}</h3>"
                  f'<img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">')
     h.append("<h2>Rank correlation</h2>" + _corr_html(corr, why))
+    recipes = _read_csv(out / "recipes.csv")
+    if recipes:
+        h.append("<h2>Recipes</h2><p>Each recipe against full RL (Δ with a CI paired over eval items; costs as ratios "
+                 "to full RL, measured in the same sweep).</p>")
+        for name, fn, caption in (("recipe_deltas", plot_recipe_deltas, "Δ vs full RL"),
+                                  ("recipe_cost", plot_recipe_cost, "Score vs step time")):
+            b64 = base64.b64encode(fn(recipes, plots / f"{name}.png")).decode("ascii")
+            h.append(f"<h3>{caption}</h3>" f'<img alt="{name}" src="data:image/png;base64,{b64}">')
+        h.append(_table(recipes))
     h.append("<h2>Numbers</h2><h3>contributions.csv</h3>")
     h.append(_table(contrib) if contrib else '<p class="missing">contributions.csv is missing or empty.</p>')
     h.append("<h3>results.csv</h3>")

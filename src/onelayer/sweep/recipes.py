@@ -1,0 +1,154 @@
+"""`onelayer recipes`: layer-aware training recipes built from a sweep's contributions, run as one sweep.
+
+From a finished sweep's `contributions.csv` (one condition: model/task/algo), the recipes are
+
+- `full`: every layer (full-parameter RL), the reference every Δ is taken against;
+- `only-B{k}`: only the k layers with the highest contribution;
+- `boost-B{k}`: all layers, the top k at twice the learning rate (`--layer-lr top:k@FILE=2`);
+- `mid-{k}`: the k middle layers, by position only (no profile);
+- `worst-{k}`: the k layers with the lowest contribution (a control);
+- `random-{k}-d{d}`: k layers drawn at random with seed d (a control; several draws).
+
+Each recipe's layer set is resolved to explicit block indices when the recipes are planned, so a job's
+config (and its id) does not depend on the file it was ranked from later. Jobs run through the sweep's
+store and executors (resumable; a job whose id is already done in the source sweep is copied, not rerun),
+and `recipes.csv` gets one row per recipe (`analysis.recipes`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from onelayer.config import REQUIRED, ConfigError, make_config, setting
+from onelayer.io import read_json
+from onelayer.rundir import config_hash
+from onelayer.sweep.plan import Job, _slug
+
+
+@dataclass
+class RecipesSpec:
+    """Which recipes to run from a sweep (`onelayer recipes`' flags are generated from these fields)."""
+
+    source: str = setting(REQUIRED, "the finished sweep directory whose contributions.csv ranks the layers",
+                          flag="--from")
+    ks: list = setting([1, 3], "layer counts k of the Only-Bk, Boost-Bk, Mid-k, worst-k and random-k recipes",
+                       flag="--k")
+    seeds: list = setting([0, 1, 2], "seeds; each recipe runs once per seed")
+    draws: int = setting(2, "random-k draws per k (seeds of the layer draw: 0, 1, ...)")
+    boost: float = setting(2.0, "Boost-Bk: the learning-rate multiplier of the top k layers")
+    condition: str | None = setting(None, "the sweep condition (model/task/algo) to use",
+                                    default_doc="the sweep's only condition")
+
+    def validate(self) -> None:
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            raise ConfigError(f"recipes: --k {self.ks!r} must list positive integers, e.g. 1,3,5")
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
+            raise ConfigError(f"recipes: --seeds {self.seeds!r} must list integers, e.g. 0,1,2")
+        if self.draws < 0 or not self.boost > 0:
+            raise ConfigError("recipes: --draws must be >= 0 and --boost > 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str  # full, only, boost, mid, worst, random
+    k: int | None
+    layers: str  # explicit block indices (or "all")
+    layer_lr: dict  # block spec -> multiplier
+
+
+def source_condition(spec: RecipesSpec) -> tuple[Path, str, dict, int]:
+    """(contributions file, condition, the source sweep's training settings, layer count), or a ConfigError
+    saying what is missing."""
+    from onelayer.models import model_num_layers
+
+    src = Path(spec.source)
+    contributions = src / "contributions.csv"
+    if not contributions.is_file() or not (src / "plan.json").is_file():
+        raise ConfigError(f"recipes --from {str(src)!r}: no contributions.csv and plan.json there; pass the --out "
+                          "directory of a finished `onelayer sweep` (its single-layer jobs rank the layers)")
+    plan = read_json(src / "plan.json")
+    conditions = sorted({j["condition"] for j in plan["jobs"]})
+    condition = spec.condition or (conditions[0] if len(conditions) == 1 else None)
+    if condition not in conditions:
+        raise ConfigError(f"recipes: choose --condition, one of {', '.join(conditions)}" if condition is None else
+                          f"recipes: condition {condition!r} is not in that sweep ({', '.join(conditions)})")
+    return contributions, condition, dict(plan["spec"].get("train") or {}), model_num_layers(condition.split("/")[0])
+
+
+def recipes(spec: RecipesSpec, contributions: Path, num_layers: int) -> list[Recipe]:
+    """Every recipe of `spec`, with its layer set resolved to block indices."""
+    from onelayer.models.layer_spec import parse_layer_spec
+
+    def blocks(layer_spec: str) -> str:
+        return ",".join(map(str, parse_layer_spec(layer_spec, num_layers)))
+
+    out = [Recipe("full", "full", None, "all", {})]
+    for k in spec.ks:
+        top = blocks(f"top:{k}@{contributions}")
+        out += [Recipe(f"only-B{k}", "only", k, top, {}),
+                Recipe(f"boost-B{k}", "boost", k, "all", {top: spec.boost}),
+                Recipe(f"mid-{k}", "mid", k, blocks(f"middle:{k}"), {}),
+                Recipe(f"worst-{k}", "worst", k, blocks(f"bottom:{k}@{contributions}"), {})]
+        out += [Recipe(f"random-{k}-d{d}", "random", k, blocks(f"random:{k}@{d}"), {}) for d in range(spec.draws)]
+    return out
+
+
+def recipe_jobs(spec: RecipesSpec, condition: str, train: dict, recipes_: list[Recipe]) -> list[Job]:
+    """One job per recipe and seed, on the source sweep's training settings."""
+    model, task, algo = condition.split("/")
+    jobs = []
+    for recipe in recipes_:
+        for seed in spec.seeds:
+            cfg = make_config({**train, "model": model, "task": task, "algo": algo, "seed": seed,
+                               "layers": recipe.layers, "layer_lr": recipe.layer_lr})
+            job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{recipe.name}-s{seed}-{config_hash(cfg)[:8]}"
+            jobs.append(Job(job_id, condition, recipe.layers, int(seed), cfg))
+    return jobs
+
+
+def reuse_finished(jobs: list[Job], source: Path, out: Path, log=print) -> int:
+    """Copy jobs the source sweep already finished (same id: same config) into the recipe store."""
+    from onelayer import rundir
+
+    copied = 0
+    for job in jobs:
+        have, want = source / "jobs" / job.id, out / "jobs" / job.id
+        if not want.exists() and have.is_dir() and rundir.is_done(have):
+            shutil.copytree(have, want, ignore=shutil.ignore_patterns("checkpoint", "best", "model"))
+            copied += 1
+    if copied:
+        log(f"recipes: {copied} job(s) already done in {source}, copied")
+    return copied
+
+
+def run_recipes(spec: RecipesSpec, run, out: str | Path | None = None, log=print) -> list[dict]:
+    """Plan, run (`run`: a `config.SweepConfig` for the executor) and tabulate the recipes under `out`
+    (default: FROM/recipes)."""
+    from onelayer.analysis.recipes import format_recipes, recipes_table
+    from onelayer.analysis.report import build_report
+    from onelayer.io import atomic_write_json
+    from onelayer.sweep import _run_jobs
+    from onelayer.sweep.store import write_results
+
+    contributions, condition, train, num_layers = source_condition(spec)
+    out = Path(out or Path(spec.source) / "recipes")
+    recipes_ = recipes(spec, contributions, num_layers)
+    jobs = recipe_jobs(spec, condition, train, recipes_)
+    by_job = {j.id: r for r in recipes_ for j in jobs if j.config.layers == r.layers and j.config.layer_lr == r.layer_lr}
+    atomic_write_json(out / "plan.json", {
+        "spec": {"recipes_from": str(spec.source), "condition": condition, "train": train},
+        "recipes": [r.__dict__ for r in recipes_],
+        "jobs": [{"id": j.id, "condition": j.condition, "layers": j.layers, "seed": j.seed,
+                  "recipe": by_job[j.id].name} for j in jobs]})
+    reuse_finished(jobs, Path(spec.source), out, log)
+    _run_jobs(jobs, out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed, log=log,
+              progress=True, address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
+              max_retries=run.max_retries)
+    write_results(out, jobs)
+    rows = recipes_table(out, [replace(r) for r in recipes_], {j.id: by_job[j.id].name for j in jobs})
+    log(format_recipes(rows))
+    log(f"recipes: {out / 'recipes.csv'}; report: {build_report(out)}")
+    return rows
