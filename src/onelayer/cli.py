@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "worst-k, random-k vs full), run as one sweep; writes recipes.csv")
     _add_config_flags(p, RecipesSpec)
     _add_config_flags(p, SweepConfig)
-    next(a for a in p._actions if a.dest == "out").help = "the recipe sweep's directory (default: FROM/recipes)"
+    next(a for a in p._actions if a.dest == "out").help = "sweep directory of the recipes (default: FROM/recipes)"
     p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")
