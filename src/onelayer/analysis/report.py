@@ -268,6 +268,14 @@ def build_report(out) -> Path:
         h.append(f"<h3>{html.escape(captions[name])}</h3>"
                  f'<img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">')
     h.append("<h2>Rank correlation</h2>" + _corr_html(corr, why))
+    pairs = _read_csv(out / "additivity.csv")
+    if pairs:
+        h.append("<h2>Additivity</h2><p>Interaction of each trained pair of layers, S<sub>ij</sub> − S<sub>i</sub> − "
+                 "S<sub>j</sub> + S<sub>base</sub> (95 % CI over seeds and items); a CI without 0 means the two "
+                 "layers' gains do not add up.</p>"
+                 + "".join(f"<p>{html.escape(c)}: {html.escape(v['additivity']['summary'])}</p>"
+                           for c, v in summary.items() if isinstance(v, dict) and "additivity" in v)
+                 + _table(pairs))
     recipes = _read_csv(out / "recipes.csv")
     if recipes:
         h.append("<h2>Recipes</h2><p>Each recipe against full RL (Δ with a CI paired over eval items; costs as ratios "

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from onelayer.analysis.additivity import ADDITIVITY_COLUMNS, pair_interactions, verdict
 from onelayer.analysis.contribution import concentration, full_gain_summary, group_by_condition, layer_contributions
 from onelayer.io import atomic_write_json, atomic_write_text
 
@@ -39,7 +40,8 @@ def summarize(out: str | Path) -> dict:
     """Write OUT/contributions.csv and OUT/summary.json; returns the summary per condition."""
     out = Path(out)
     rows, summary = [], {}
-    for condition, runs in group_by_condition(load_records(out)).items():
+    records = load_records(out)
+    for condition, runs in group_by_condition(records).items():
         if not any(r["layers"] == "all" for r in runs):
             summary[condition] = {"error": "no finished full-parameter run yet"}
             continue
@@ -56,5 +58,14 @@ def summarize(out: str | Path) -> dict:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "contributions.csv", buf.getvalue())
+    pairs = pair_interactions(records)
+    if pairs:  # pairs of layers were trained (--pairs): do their gains add up?
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=ADDITIVITY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(pairs)
+        atomic_write_text(out / "additivity.csv", buf.getvalue())
+        for condition, v in verdict(pairs).items():
+            summary.setdefault(condition, {})["additivity"] = v
     atomic_write_json(out / "summary.json", summary)
     return summary

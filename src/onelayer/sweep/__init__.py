@@ -65,6 +65,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
             for ws in info.get("warm_starts", []):
                 log(f"{condition}: warm start {ws['hash']} (held-out {ws['heldout_accuracy']:.1%}) for {ws['jobs']} jobs"
                     + ("  <- SEVERAL warm starts in one condition" if len(info["warm_starts"]) > 1 else ""))
+            if info.get("additivity"):
+                log(f"{condition}: additivity: {info['additivity']['summary']}")
             if info.get("collapsed_jobs"):
                 log(f"{condition}: COLLAPSED (training reward fell apart; contributions from them are marked): "
                     + ", ".join(info["collapsed_jobs"]))

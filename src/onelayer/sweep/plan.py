@@ -8,6 +8,7 @@ resolved training config, so the same spec always gives the same ids and a rerun
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -35,6 +36,8 @@ class SweepSpec:
                                       "first seed's contributions) with these seeds", metavar="SEEDS",
                                   default_doc="no second pass")
     layer_sets: list = setting([], "extra layer spec to run, e.g. middle:2 or 3,5", flag="--layer-set", repeat=True)
+    pairs: list = setting([], "a layer spec whose blocks are also trained in pairs (every pair of them), for the "
+                              "additivity test, e.g. top:3@contributions.csv", flag="--pairs", repeat=True)
     train: dict = setting({}, "training config key for every job", flag="--set")
 
     def validate(self) -> None:
@@ -120,6 +123,9 @@ def plan(spec: SweepSpec) -> list[Job]:
         for extra in spec.layer_sets:
             parse_layer_spec(str(extra), n_layers)  # fail early, naming the spec and the layer count
             layer_specs.append(str(extra))
+        for group in spec.pairs:
+            blocks = parse_layer_spec(str(group), n_layers)
+            layer_specs += [f"{i},{j}" for i, j in itertools.combinations(blocks, 2) if f"{i},{j}" not in layer_specs]
         for task in spec.tasks:
             for algo in spec.algos:
                 jobs += _jobs_for(spec, model, task, algo, spec.seeds, layer_specs, n_layers)
