@@ -24,6 +24,7 @@ from onelayer.config import (
     load_yaml,
     make_config,
 )
+from onelayer.probe import ProbeSpec
 from onelayer.sweep.plan import SweepSpec
 from onelayer.sweep.recipes import RecipesSpec
 
@@ -183,6 +184,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from onelayer.probe import run_probes
+
+    run_probes(_config(args, ProbeSpec))
+    return 0
+
+
 def preset_path(name: str):
     """The shipped sweep YAML of a preset name (onelayer/sweep/presets/NAME.yaml)."""
     from pathlib import Path
@@ -270,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, SweepConfig)
     next(a for a in p._actions if a.dest == "out").help = "sweep directory of the recipes (default: FROM/recipes)"
     p.set_defaults(func=cmd_recipes)
+    p = sub.add_parser("probe", help="rank layers without a sweep (short runs, RL-gradient norms, block influence) "
+                                     "within a FLOP budget; --validate SWEEP checks the ranking against its C_l")
+    _add_config_flags(p, ProbeSpec)
+    p.set_defaults(func=cmd_probe)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")
     p.set_defaults(func=cmd_report)
