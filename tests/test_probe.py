@@ -44,7 +44,7 @@ def test_gradient_and_activation_probes_rank_every_layer_within_budget(base_dir,
     assert rec["num_layers"] == 8 and rec["sweep_flops"] > 0
     for name, r in rec["probes"].items():
         assert sorted(r["ranks"]) == list(range(1, 9)) and all(np.isfinite(r["scores"]))
-        assert 0 < r["fraction"] <= 0.1, name
+        assert 0 < r["fraction"] <= 0.1 and r["within_budget"], name
         # the recipes read a probe's ranking like a sweep's contributions
         top = parse_layer_spec(f"top:3@{out / f'probe_{name}.csv'}", 8)
         assert top == sorted(i for i in range(8) if r["ranks"][i] <= 3)

@@ -245,7 +245,11 @@ def run_probes(spec: ProbeSpec, log=print) -> dict:
     results = {}
     for name in spec.probes:
         scores, flops = PROBES[name](ctx)
-        results[name] = {"scores": scores, "ranks": ranks(scores), "flops": flops, "fraction": flops / total}
+        results[name] = {"scores": scores, "ranks": ranks(scores), "flops": flops, "fraction": flops / total,
+                         "within_budget": flops <= spec.budget * total}
+        if not results[name]["within_budget"]:
+            log(f"warning: probe {name} used {flops / total:.1%} of the sweep's FLOPs, over --budget {spec.budget:.0%} "
+                "(fewer --batches, or a larger budget)")
         log(f"probe {name}: {flops / total:.1%} of the sweep's training-step FLOPs; ranking "
             + " > ".join(f"L{i}" for i in sorted(range(L), key=lambda i: results[name]["ranks"][i])))
         _write_profile(out / f"probe_{name}.csv", scores)
