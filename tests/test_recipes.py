@@ -80,3 +80,15 @@ def test_recipes_from_a_directory_without_contributions_is_one_line_and_exit_2(t
     assert main(["recipes", "--from", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no contributions.csv" in err and "Traceback" not in err
+
+
+def test_recipes_that_resolve_to_the_same_blocks_keep_their_own_jobs(tmp_path):
+    from onelayer.sweep.recipes import recipe_jobs
+
+    src = source_sweep(tmp_path / "sweep")
+    spec = RecipesSpec(source=str(src), ks=[1], seeds=[0, 1], draws=0)
+    rs = recipes(spec, src / "contributions.csv", 8)
+    jobs, names = recipe_jobs(spec, CONDITION, TINY, rs + [rs[1].__class__("copy-of-only", "only", 1, "0", {})])
+    assert len({j.id for j in jobs}) == len(jobs) == 2 * 6
+    assert sorted(n for n in names.values() if n == "copy-of-only") == ["copy-of-only"] * 2
+    assert sum(n == "only-B1" for n in names.values()) == 2

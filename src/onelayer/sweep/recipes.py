@@ -18,7 +18,7 @@ and `recipes.csv` gets one row per recipe (`analysis.recipes`).
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from onelayer.config import REQUIRED, ConfigError, make_config, setting
@@ -96,17 +96,19 @@ def recipes(spec: RecipesSpec, contributions: Path, num_layers: int) -> list[Rec
     return out
 
 
-def recipe_jobs(spec: RecipesSpec, condition: str, train: dict, recipes_: list[Recipe]) -> list[Job]:
-    """One job per recipe and seed, on the source sweep's training settings."""
+def recipe_jobs(spec: RecipesSpec, condition: str, train: dict, recipes_: list[Recipe]) -> tuple[list[Job], dict]:
+    """One job per recipe and seed, on the source sweep's training settings; and job id -> recipe name (two
+    recipes that resolve to the same blocks, e.g. a random draw equal to the top k, keep their own jobs)."""
     model, task, algo = condition.split("/")
-    jobs = []
+    jobs, names = [], {}
     for recipe in recipes_:
         for seed in spec.seeds:
             cfg = make_config({**train, "model": model, "task": task, "algo": algo, "seed": seed,
                                "layers": recipe.layers, "layer_lr": recipe.layer_lr})
             job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{recipe.name}-s{seed}-{config_hash(cfg)[:8]}"
             jobs.append(Job(job_id, condition, recipe.layers, int(seed), cfg))
-    return jobs
+            names[job_id] = recipe.name
+    return jobs, names
 
 
 def reuse_finished(jobs: list[Job], source: Path, out: Path, log=print) -> int:
@@ -136,19 +138,18 @@ def run_recipes(spec: RecipesSpec, run, out: str | Path | None = None, log=print
     contributions, condition, train, num_layers = source_condition(spec)
     out = Path(out or Path(spec.source) / "recipes")
     recipes_ = recipes(spec, contributions, num_layers)
-    jobs = recipe_jobs(spec, condition, train, recipes_)
-    by_job = {j.id: r for r in recipes_ for j in jobs if j.config.layers == r.layers and j.config.layer_lr == r.layer_lr}
+    jobs, names = recipe_jobs(spec, condition, train, recipes_)
     atomic_write_json(out / "plan.json", {
         "spec": {"recipes_from": str(spec.source), "condition": condition, "train": train},
         "recipes": [r.__dict__ for r in recipes_],
         "jobs": [{"id": j.id, "condition": j.condition, "layers": j.layers, "seed": j.seed,
-                  "recipe": by_job[j.id].name} for j in jobs]})
+                  "recipe": names[j.id]} for j in jobs]})
     reuse_finished(jobs, Path(spec.source), out, log)
     _run_jobs(jobs, out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed, log=log,
               progress=True, address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
               max_retries=run.max_retries)
     write_results(out, jobs)
-    rows = recipes_table(out, [replace(r) for r in recipes_], {j.id: by_job[j.id].name for j in jobs})
+    rows = recipes_table(out, recipes_, names)
     log(format_recipes(rows))
     log(f"recipes: {out / 'recipes.csv'}; report: {build_report(out)}")
     return rows
