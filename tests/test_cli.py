@@ -224,3 +224,9 @@ def test_train_eval_plan_and_bench_flags_reach_their_configs():
 def test_validation_messages_are_those_of_before(argv, message, capsys):
     assert main(argv) == 2
     assert f"onelayer: error: {message}" in capsys.readouterr().err
+
+
+def test_an_abbreviated_flag_is_an_error_not_a_silent_match(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own one-line error, exit 2
+        main(["train", "--learning-rat", "1", "--out", "x"])
+    assert exit_.value.code == 2 and "--learning-rat" in capsys.readouterr().err

@@ -31,6 +31,13 @@ from onelayer.sweep.recipes import RecipesSpec
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: no flag abbreviations either."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -253,8 +260,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    # no abbreviations: a shortened or mistyped flag (--learning-rat) is an error, not a silent match
+    parser = argparse.ArgumentParser(prog="onelayer", description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="RL-train the selected layers of a model on a task")
     _add_config_flags(p, TrainConfig)
     p.add_argument("--config", help="YAML file of config keys; flags override it")

@@ -231,6 +231,8 @@ def run_probes(spec: ProbeSpec, log=print) -> dict:
     from onelayer.models import load_policy, model_num_layers
     from onelayer.train.setup import setup_torch, with_task_defaults
 
+    if spec.against and not (Path(spec.against) / "contributions.csv").is_file():  # before any probe runs
+        raise ConfigError(f"probe --validate {spec.against!r}: no contributions.csv there; pass a finished sweep's --out")
     cfg = make_config({"model": spec.model, "task": spec.task, "algo": spec.algo, "seed": spec.seed,
                        "threads": spec.threads, "progress": False})
     setup_torch(cfg)
