@@ -192,6 +192,28 @@ def _summary_html(summary: dict) -> str:
     return "".join(parts)
 
 
+def _lr_grid_html(grid: list[dict], summary: dict, plots: Path) -> str:
+    """The learning-rate grid: C_l at the fixed rate and at the tuned rates, side by side."""
+    h = ["<h2>Learning-rate grid</h2><p>Every layer set ran at every rate; per layer set and seed the tuned run is "
+         "the rate whose held-out <i>train-split</i> check scored best (the eval split takes no part).</p>"]
+    for cond, s in summary.items():
+        info = s.get("lr_grid") if isinstance(s, dict) else None
+        if not info:
+            continue
+        h.append(f"<p>{html.escape(cond)}: {html.escape(str(info.get('summary') or info.get('error')))}</p>")
+        fixed = f"{float(info['fixed']):g}" if "fixed" in info else None
+        groups = {f"{cond} @ lr {rate}" if rate != "tuned" else f"{cond} @ tuned rates":
+                  [r for r in grid if r["condition"] == cond and r["rate"] == rate and r["layer"] != "full"]
+                  for rate in (fixed, "tuned") if rate}
+        b64 = base64.b64encode(plot_contribution(groups, plots / f"lr_grid_{_slug(cond)}.png")).decode("ascii")
+        h.append(f'<img alt="lr grid {html.escape(cond)}" src="data:image/png;base64,{b64}">')
+    return "".join(h) + _table(grid)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text)
+
+
 def _corr_html(corr: dict | None, why: str | None) -> str:
     if corr is None:
         return f'<p class="missing">{html.escape(why or "no rank correlation")}</p>'
@@ -276,6 +298,9 @@ def build_report(out) -> Path:
                  + "".join(f"<p>{html.escape(c)}: {html.escape(v['additivity']['summary'])}</p>"
                            for c, v in summary.items() if isinstance(v, dict) and "additivity" in v)
                  + _table(pairs))
+    grid = _read_csv(out / "lr_grid.csv")
+    if grid:
+        h.append(_lr_grid_html(grid, summary, plots))
     recipes = _read_csv(out / "recipes.csv")
     if recipes:
         h.append("<h2>Recipes</h2><p>Each recipe against full RL (Δ with a CI paired over eval items; costs as ratios "

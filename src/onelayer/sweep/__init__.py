@@ -36,7 +36,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
     out = Path(out)
     jobs = plan(spec)
     atomic_write_json(out / "plan.json", {"spec": spec.__dict__, "jobs": [{"id": j.id, "condition": j.condition,
-                                          "layers": j.layers, "seed": j.seed} for j in jobs]})
+                                          "layers": j.layers, "seed": j.seed, "learning_rate": j.config.learning_rate}
+                                          for j in jobs]})
     start = time.monotonic()
     run = dict(executor=executor, workers=workers, retry_failed=retry_failed, log=log, progress=progress,
                address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
@@ -65,6 +66,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
             for ws in info.get("warm_starts", []):
                 log(f"{condition}: warm start {ws['hash']} (held-out {ws['heldout_accuracy']:.1%}) for {ws['jobs']} jobs"
                     + ("  <- SEVERAL warm starts in one condition" if len(info["warm_starts"]) > 1 else ""))
+            if info.get("lr_grid"):
+                grid = info["lr_grid"]
+                log(f"{condition}: learning-rate grid: {grid.get('summary') or grid.get('error')}")
             if info.get("additivity"):
                 log(f"{condition}: additivity: {info['additivity']['summary']}")
             if info.get("collapsed_jobs"):
@@ -143,16 +147,24 @@ def summary_table(rows: list[dict], out: Path) -> str:
     if (out / "contributions.csv").is_file():
         with open(out / "contributions.csv") as fh:
             contrib = {(r["condition"], r["layer"]): r for r in csv.DictReader(fh)}
+    from onelayer.analysis.summary import fixed_rates
+
+    fixed = fixed_rates(out)
+    rates = len({r.get("learning_rate") for r in rows if r["layers"] != "none"}) > 1
     lines = [f"{'condition':<28} {'seed':>4} {'layers':<10} {'status':<8} {'score':>6} {'gain [95% CI]':<24} {'C [95% CI]':<22}"]
+    if rates:
+        lines[0] = lines[0].replace(f"{'layers':<10}", f"{'layers':<10} {'lr':<8}")
     for r in rows:
+        label = f"{r['layers']:<10}" + (f" {r['learning_rate'] if r['layers'] != 'none' else '':<8}" if rates else "")
         if r["status"] != "done":
-            lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8}")
+            lines.append(f"{r['condition']:<28} {r['seed']:>4} {label} {r['status']:<8}")
             continue
         gain = (f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
                 + (" COLLAPSED" if r.get("collapsed") else ""))
-        c = contrib.get((r["condition"], r["layers"]))
+        at_fixed = not rates or r.get("learning_rate") == fixed.get(r["condition"])
+        c = contrib.get((r["condition"], r["layers"])) if at_fixed else None
         cstr = f"{float(c['contribution']):.2f} [{float(c['ci_low']):.2f}, {float(c['ci_high']):.2f}]" if c else ""
-        lines.append(f"{r['condition']:<28} {r['seed']:>4} {r['layers']:<10} {r['status']:<8} "
+        lines.append(f"{r['condition']:<28} {r['seed']:>4} {label} {r['status']:<8} "
                      f"{r['score']:>6.3f} {gain:<24} {cstr:<22}")
     return "\n".join(lines)
 

@@ -38,6 +38,12 @@ class SweepSpec:
     layer_sets: list = setting([], "extra layer spec to run, e.g. middle:2 or 3,5", flag="--layer-set", repeat=True)
     pairs: list = setting([], "a layer spec whose blocks are also trained in pairs (every pair of them), for the "
                               "additivity test, e.g. top:3@contributions.csv", flag="--pairs", repeat=True)
+    lr_grid: list = setting([], "learning rates: every trained layer set also runs at each, its rate chosen per "
+                                "seed by a held-out check on the train split (never the eval split); C_l at the "
+                                "fixed rate and at the tuned rates side by side", metavar="RATES",
+                            default_doc="one rate (the training settings')")
+    lr_check_items: int = setting(200, "with --lr-grid: train items each job sets aside for the check that "
+                                       "chooses its rate (unless the training settings set check_items)")
     train: dict = setting({}, "training config key for every job", flag="--set")
 
     def validate(self) -> None:
@@ -48,10 +54,27 @@ class SweepSpec:
             bad = [s for s in getattr(self, key) if isinstance(s, bool) or not isinstance(s, int)]
             if bad:
                 raise ConfigError(f"sweep key {key!r}: {bad[0]!r} is not a seed; list integers, e.g. 0,1")
+        bad = [r for r in self.lr_grid if isinstance(r, bool) or not _is_rate(r)]
+        if bad:
+            raise ConfigError(f"sweep key 'lr_grid': {bad[0]!r} is not a learning rate; list positive numbers, "
+                              "e.g. 1e-4,3e-4,1e-3")
+        if self.lr_check_items < 1:
+            raise ConfigError("sweep key 'lr_check_items' must be at least 1")
+        self.lr_grid = sorted({float(r) for r in self.lr_grid})
+        if self.lr_grid and "learning_rate" in self.train:
+            raise ConfigError("sweep: --lr-grid and a training learning_rate together; the grid's rates are the "
+                              "rates (the fixed-rate profile is the task's default rate)")
         forbidden = {"model", "task", "algo", "seed", "layers"} & set(self.train)
         if forbidden:
             raise ConfigError(f"sweep 'train' keys {sorted(forbidden)} are swept; set them with "
                               "models/tasks/algos/seeds/layer_sets")
+
+
+def _is_rate(value) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -92,17 +115,44 @@ def extreme_jobs(spec: SweepSpec, contributions: list[dict]) -> list[Job]:
     return jobs
 
 
+def rate_settings(spec: SweepSpec, model: str, task: str, algo: str) -> tuple[float | None, list[dict]]:
+    """(the fixed rate, the training settings of each rate the jobs run at): one empty dict without a grid.
+
+    With `spec.lr_grid`, the rates are the grid plus the fixed rate (the training settings' rate with the
+    task's suggestion filled in), and every job runs a check on held-out train items that chooses its rate
+    (`analysis.lr_grid`): a task that checks on its own keeps its checks (and `keep_best`); otherwise the
+    only checks are at step 0 and the last step, and the last weights are kept, so only the rate is tuned.
+    """
+    if not spec.lr_grid:
+        return None, [{}]
+    from onelayer import tasks
+    from onelayer.train.setup import with_task_defaults
+
+    cfg = make_config({**spec.train, "model": model, "task": task, "algo": algo})
+    cfg = with_task_defaults(cfg, tasks.make(cfg.task, **cfg.task_opts))
+    check = {} if "check_items" in spec.train else {"check_items": spec.lr_check_items}
+    if not cfg.check_every:
+        check.update(check_every=cfg.max_steps, **({} if "keep_best" in spec.train else {"keep_best": False}))
+    rates = sorted({*spec.lr_grid, cfg.learning_rate})
+    return cfg.learning_rate, [{"learning_rate": r, **check} for r in rates]
+
+
 def _jobs_for(spec: SweepSpec, model: str, task: str, algo: str, seeds, layer_specs, n_layers: int) -> list[Job]:
     from onelayer.models.layer_spec import describe_layers, parse_layer_spec
 
+    _, per_rate = rate_settings(spec, model, task, algo)
     jobs = []
     for seed in seeds:
         for layers in layer_specs:
-            cfg = make_config({**spec.train, "model": model, "task": task, "algo": algo, "seed": seed,
-                               "layers": layers})
-            label = layers if layers in ("none", "all") else describe_layers(parse_layer_spec(layers, n_layers), n_layers)
-            job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{_slug(label)}-s{seed}-{config_hash(cfg)[:8]}"
-            jobs.append(Job(job_id, f"{model}/{task}/{algo}", layers, int(seed), cfg))
+            for extra in per_rate if layers != "none" else [{}]:  # the base trains nothing: no rate
+                cfg = make_config({**spec.train, **extra, "model": model, "task": task, "algo": algo, "seed": seed,
+                                   "layers": layers})
+                label = layers if layers in ("none", "all") else describe_layers(parse_layer_spec(layers, n_layers),
+                                                                                 n_layers)
+                if extra:
+                    label += f"-lr{extra['learning_rate']:g}"
+                job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{_slug(label)}-s{seed}-{config_hash(cfg)[:8]}"
+                jobs.append(Job(job_id, f"{model}/{task}/{algo}", layers, int(seed), cfg))
     return jobs
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from onelayer import rundir
 from onelayer.io import atomic_write_text, read_json
 
-RESULT_COLUMNS = ["job_id", "condition", "model", "task", "algo", "seed", "layers", "layer_indices", "num_layers",
+RESULT_COLUMNS = ["job_id", "condition", "model", "task", "algo", "seed", "layers", "learning_rate", "layer_indices",
+                  "num_layers",
                   "status", "score", "ci_low", "ci_high", "base_score", "gain", "gain_ci_low", "gain_ci_high",
                   "n", "trainable_params", "train_seconds", "wall_seconds", "selected_step", "frozen_unchanged",
                   "collapsed",
@@ -26,7 +27,8 @@ def job_dir(out: Path, job_id: str) -> Path:
 def result_row(out: Path, job) -> dict:
     path = job_dir(out, job.id)
     row = {"job_id": job.id, "condition": job.condition, "model": job.config.model, "task": job.config.task,
-           "algo": job.config.algo, "seed": job.seed, "layers": job.layers, "status": rundir.status(path)}
+           "algo": job.config.algo, "seed": job.seed, "layers": job.layers, "status": rundir.status(path),
+           "learning_rate": job.config.learning_rate}
     if row["status"] == "done":
         ev = read_json(path / "eval.json")
         row.update(score=ev["score"], ci_low=ev["ci95"][0], ci_high=ev["ci95"][1], base_score=ev["base_score"],
