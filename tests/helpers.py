@@ -1,9 +1,11 @@
 """Helpers shared by several test files: small randomly initialised Llama-family models, a seeded rollout on
 them and closeness checks for log-probs and gradients (lean-path, prefix-reuse and benchmark tests); polling
-for a condition, and the seed of random kill points (tests that kill a process)."""
+for a condition, and the seed of random kill points (tests that kill a process); a fake finished sweep with
+a given profile and tiny training settings (recipe and probe-validation tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -71,3 +73,20 @@ def kill_seed() -> int:
     """The seed of a test's random kill point: ``$ONELAYER_KILL_SEED`` (to replay a failure, or to try other
     points), else 0, so that every run of the suite kills at the same points."""
     return int(os.environ.get("ONELAYER_KILL_SEED", "0"))
+
+
+CONDITION = "tiny-qwen3/arith/grpo"
+PROFILE = [0.56, 0.40, 0.30, 0.25, 0.20, 0.22, 0.18, 0.17]  # 8 blocks, best first, worst last
+TINY = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 4,
+        "task_opts": {"n_eval": 8}, "warm_start": False, "threads": 1, "progress": False, "save_model": False}
+
+
+def source_sweep(path, profile=PROFILE):
+    """A finished sweep's two files the recipes read: contributions.csv and plan.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    L = len(profile)
+    (path / "contributions.csv").write_text("condition,layer,relative_depth,contribution\n" + "".join(
+        f"{CONDITION},{i},{i / (L - 1)},{v}\n" for i, v in enumerate(profile)))
+    (path / "plan.json").write_text(json.dumps({"spec": {"train": TINY}, "jobs": [
+        {"id": "x", "condition": CONDITION, "layers": "all", "seed": 0}]}))
+    return path

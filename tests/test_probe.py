@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import source_sweep
 from onelayer.cli import main
 from onelayer.config import ConfigError
 from onelayer.models.layer_spec import parse_layer_spec
@@ -55,3 +56,31 @@ def test_gradient_and_activation_probes_rank_every_layer_within_budget(base_dir,
 def test_unknown_probe_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["probe", "--out", str(tmp_path), "--probes", "tea_leaves"]) == 2
     assert "unknown probe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_validation_trains_only_bk_on_each_ranking_and_shares_runs_between_equal_picks(base_dir, tmp_path, capsys):
+    src = source_sweep(tmp_path / "sweep")  # its C_l rank blocks 0,1 first; Mid-2 is 3,4
+    out = tmp_path / "probe"
+    args = ["probe", "--out", str(out), "--probes", "grad_norm,block_influence", "--batches", "1", "--threads", "1",
+            "--validate", str(src), "--recipe-k", "2", "--recipe-seeds", "0"]
+    assert main(args) == 0
+    rec = json.loads((out / "probe.json").read_text())["validation"]
+    assert set(rec) == {"grad_norm", "block_influence", "position (inverted U)", "sweep C_l"}
+    assert rec["sweep C_l"]["recipe"]["blocks"] == "0,1" and rec["position (inverted U)"]["recipe"]["blocks"] == "3,4"
+    for name, r in rec.items():
+        got = r["recipe"]
+        assert got["k"] == 2 and len(got["blocks"].split(",")) == 2 and got["n_seeds"] == 1, name
+        assert 0 <= got["score"] <= 1 and got["delta_vs_full"] == pytest.approx(got["score"] - got["full_score"])
+    picks = {r["recipe"]["blocks"] for r in rec.values()}
+    jobs = sorted(p.name for p in (out / "recipes" / "jobs").iterdir())
+    assert len(jobs) == 1 + len(picks)  # full, and one job per distinct block set
+    # another store's finished job with the same config is copied, not rerun
+    other = tmp_path / "other"
+    (other / "jobs").mkdir(parents=True)
+    full = next(j for j in jobs if "-full-" in j)
+    (out / "recipes" / "jobs" / full).rename(other / "jobs" / full.replace("-full-", "-renamed-"))
+    capsys.readouterr()
+    assert main(args + ["--reuse", str(other)]) == 0
+    assert (out / "recipes" / "jobs" / full / "eval.json").is_file()
+    assert "1 job(s) already done" in capsys.readouterr().out

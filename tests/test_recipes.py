@@ -6,25 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from helpers import CONDITION, TINY, source_sweep
 from onelayer.cli import main
 from onelayer.stats import paired_seed_item_bootstrap_ci, seed_item_bootstrap_ci
 from onelayer.sweep.recipes import RecipesSpec, recipes
-
-CONDITION = "tiny-qwen3/arith/grpo"
-PROFILE = [0.56, 0.40, 0.30, 0.25, 0.20, 0.22, 0.18, 0.17]  # 8 blocks, best first, worst last
-TINY = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 4,
-        "task_opts": {"n_eval": 8}, "warm_start": False, "threads": 1, "progress": False, "save_model": False}
-
-
-def source_sweep(path, profile=PROFILE):
-    """A finished sweep's two files the recipes read: contributions.csv and plan.json."""
-    path.mkdir(parents=True, exist_ok=True)
-    L = len(profile)
-    (path / "contributions.csv").write_text("condition,layer,relative_depth,contribution\n" + "".join(
-        f"{CONDITION},{i},{i / (L - 1)},{v}\n" for i, v in enumerate(profile)))
-    (path / "plan.json").write_text(json.dumps({"spec": {"train": TINY}, "jobs": [
-        {"id": "x", "condition": CONDITION, "layers": "all", "seed": 0}]}))
-    return path
 
 
 def test_the_recipe_set_follows_the_profile(tmp_path):
@@ -88,7 +73,7 @@ def test_recipes_that_resolve_to_the_same_blocks_keep_their_own_jobs(tmp_path):
     src = source_sweep(tmp_path / "sweep")
     spec = RecipesSpec(source=str(src), ks=[1], seeds=[0, 1], draws=0)
     rs = recipes(spec, src / "contributions.csv", 8)
-    jobs, names = recipe_jobs(spec, CONDITION, TINY, rs + [rs[1].__class__("copy-of-only", "only", 1, "0", {})])
+    jobs, names = recipe_jobs(spec.seeds, CONDITION, TINY, rs + [rs[1].__class__("copy-of-only", "only", 1, "0", {})])
     assert len({j.id for j in jobs}) == len(jobs) == 2 * 6
     assert sorted(n for n in names.values() if n == "copy-of-only") == ["copy-of-only"] * 2
     assert sum(n == "only-B1" for n in names.values()) == 2

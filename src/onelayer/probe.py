@@ -50,6 +50,12 @@ class ProbeSpec:
     threads: int | None = setting(None, "torch CPU threads", default_doc="torch's choice")
     against: str | None = setting(None, "a finished sweep directory: compare every probe with its C_l",
                                   flag="--validate", default_doc="no validation")
+    recipe_k: int = setting(3, "with --validate: train Only-Bk on each probe's top k (and the sweep's, and Mid-k) "
+                               "and report its score against full RL; 0: no recipe runs")
+    recipe_seeds: list = setting([0, 1, 2], "seeds of the recipe runs of --recipe-k")
+    reuse: list = setting([], "another sweep or recipes directory whose finished jobs with the same config are "
+                              "copied instead of rerun", flag="--reuse", repeat=True)
+    workers: int = setting(1, "parallel training processes of the recipe runs")
 
     def validate(self) -> None:
         unknown = [p for p in self.probes if p not in PROBES]
@@ -59,6 +65,8 @@ class ProbeSpec:
             raise ConfigError(f"probe: --budget {self.budget} must be in (0, 1]")
         if self.batches < 1:
             raise ConfigError(f"probe: --batches {self.batches} must be at least 1")
+        if self.recipe_k < 0 or self.workers < 1 or not self.recipe_seeds:
+            raise ConfigError("probe: --recipe-k must be >= 0, --workers >= 1 and --recipe-seeds must list a seed")
 
 
 @dataclass
@@ -265,6 +273,8 @@ def run_probes(spec: ProbeSpec, log=print) -> dict:
               "budget": spec.budget, "probes": results}
     if spec.against:
         record["validation"] = validate_against(results, Path(spec.against), L)
+        if spec.recipe_k:
+            recipe_scores(spec, cfg, results, record["validation"], out, log)
         log(format_validation(record["validation"]))
     atomic_write_json(out / "probe.json", record)
     return record
@@ -329,9 +339,54 @@ def validate_against(results: dict, sweep: Path, num_layers: int) -> dict:
     return out
 
 
+def top_blocks(scores, k: int) -> str:
+    """The k highest-scoring blocks, ascending and comma-joined (ties: the lower block)."""
+    return ",".join(map(str, sorted(np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:k].tolist())))
+
+
+def recipe_scores(spec: ProbeSpec, cfg: TrainConfig, results: dict, validation: dict, out: Path, log=print) -> None:
+    """Only-Bk trained on each ranking (every probe's, the sweep's C_l, and position's Mid-k) on the sweep's
+    training settings and `spec.recipe_seeds`, against full RL; adds `recipe` (blocks, score, Δ vs full with
+    CIs) to each entry of `validation`. Rankings that pick the same blocks share their runs."""
+    from onelayer.config import SweepConfig
+    from onelayer.sweep.recipes import Recipe, RecipesSpec, run_recipe_jobs, source_condition
+
+    source = RecipesSpec(source=spec.against, condition=f"{cfg.model}/{cfg.task}/{cfg.algo}")
+    contributions, condition, train, L = source_condition(source)
+    k = spec.recipe_k
+    if k > L:
+        raise ConfigError(f"probe: --recipe-k {k} is more than the model's {L} layers")
+    from onelayer.models.layer_spec import parse_layer_spec
+
+    picks = {name: top_blocks(r["scores"], k) for name, r in results.items()}
+    picks["sweep C_l"] = ",".join(map(str, parse_layer_spec(f"top:{k}@{contributions}", L)))
+    picks["position (inverted U)"] = ",".join(map(str, parse_layer_spec(f"middle:{k}", L)))  # Mid-k
+    recipes_ = [Recipe("full", "full", None, "all", {})]
+    recipes_ += [Recipe(f"only-{b.replace(',', '.')}", "only", k, b, {}) for b in dict.fromkeys(picks.values())]
+    run = SweepConfig(out=str(out / "recipes"), executor="processes" if spec.workers > 1 else "local",
+                      workers=spec.workers)
+    rows = run_recipe_jobs(recipes_, spec.recipe_seeds, condition, train, out / "recipes", run,
+                           [Path(spec.against), *map(Path, spec.reuse)], {"probe_recipes_from": spec.against}, log)
+    by_layers = {r["layers"]: r for r in rows}
+    full = by_layers.get("all", {})
+    for name, blocks in picks.items():
+        row = by_layers.get(blocks, {})
+        validation.setdefault(name, {})["recipe"] = {
+            "k": k, "blocks": blocks, "score": row.get("score"), "ci": [row.get("ci_low"), row.get("ci_high")],
+            "delta_vs_full": row.get("delta_vs_full"), "delta_ci": [row.get("delta_ci_low"), row.get("delta_ci_high")],
+            "n_seeds": row.get("n_seeds"), "full_score": full.get("score")}
+
+
 def format_validation(v: dict) -> str:
-    lines = [f"{'probe':<22} {'rho [95% CI]':<24} {'rho detrended':>13} {'top-k overlap':>14}"]
+    lines = [f"{'probe':<22} {'rho [95% CI]':<24} {'rho detrended':>13} {'top-k overlap':>14}"
+             + (f"  {'Only-Bk blocks: score, delta vs full [95% CI]'}" if any("recipe" in r for r in v.values()) else "")]
     for name, r in v.items():
-        lines.append(f"{name:<22} {r['rho']:+.2f} [{r['rho_ci'][0]:+.2f}, {r['rho_ci'][1]:+.2f}]{'':<6} "
-                     f"{r['rho_detrended']:>+13.2f} {r['overlap']:>5} of {r['top_k']} (chance {r['overlap_chance']:.1f})")
+        line = (f"{name:<22} {r['rho']:+.2f} [{r['rho_ci'][0]:+.2f}, {r['rho_ci'][1]:+.2f}]{'':<6} "
+                f"{r['rho_detrended']:>+13.2f} {r['overlap']:>5} of {r['top_k']} (chance {r['overlap_chance']:.1f})"
+                if "rho" in r else f"{name:<22} {'(the reference ranking)':<54}")
+        rec = r.get("recipe")
+        if rec and rec["score"] is not None:
+            line += (f"  {rec['blocks']}: {rec['score']:.1%}, {rec['delta_vs_full']:+.1%} "
+                     f"[{rec['delta_ci'][0]:+.1%}, {rec['delta_ci'][1]:+.1%}] ({rec['n_seeds']} seeds)")
+        lines.append(line)
     return "\n".join(lines)

@@ -96,13 +96,13 @@ def recipes(spec: RecipesSpec, contributions: Path, num_layers: int) -> list[Rec
     return out
 
 
-def recipe_jobs(spec: RecipesSpec, condition: str, train: dict, recipes_: list[Recipe]) -> tuple[list[Job], dict]:
+def recipe_jobs(seeds: list, condition: str, train: dict, recipes_: list[Recipe]) -> tuple[list[Job], dict]:
     """One job per recipe and seed, on the source sweep's training settings; and job id -> recipe name (two
     recipes that resolve to the same blocks, e.g. a random draw equal to the top k, keep their own jobs)."""
     model, task, algo = condition.split("/")
     jobs, names = [], {}
     for recipe in recipes_:
-        for seed in spec.seeds:
+        for seed in seeds:
             cfg = make_config({**train, "model": model, "task": task, "algo": algo, "seed": seed,
                                "layers": recipe.layers, "layer_lr": recipe.layer_lr})
             job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{recipe.name}-s{seed}-{config_hash(cfg)[:8]}"
@@ -111,45 +111,65 @@ def recipe_jobs(spec: RecipesSpec, condition: str, train: dict, recipes_: list[R
     return jobs, names
 
 
-def reuse_finished(jobs: list[Job], source: Path, out: Path, log=print) -> int:
-    """Copy jobs the source sweep already finished (same id: same config) into the recipe store."""
+def reuse_finished(jobs: list[Job], sources: list[Path], out: Path, log=print) -> int:
+    """Copy jobs another store already finished with the same config (the job id ends in its config hash)
+    into the recipe store, instead of rerunning them."""
     from onelayer import rundir
 
     copied = 0
     for job in jobs:
-        have, want = source / "jobs" / job.id, out / "jobs" / job.id
-        if not want.exists() and have.is_dir() and rundir.is_done(have):
+        want = out / "jobs" / job.id
+        if want.exists():
+            continue
+        suffix = job.id.rsplit("-", 1)[-1]
+        have = next((d for src in sources for d in sorted((Path(src) / "jobs").glob(f"*-s{job.seed}-{suffix}"))
+                     if rundir.is_done(d) and _same_config(d, job)), None)
+        if have is not None:
             shutil.copytree(have, want, ignore=shutil.ignore_patterns("checkpoint", "best", "model"))
             copied += 1
     if copied:
-        log(f"recipes: {copied} job(s) already done in {source}, copied")
+        log(f"recipes: {copied} job(s) already done in {', '.join(map(str, sources))}, copied")
     return copied
+
+
+def _same_config(path: Path, job: Job) -> bool:
+    return (path / "config.json").is_file() and read_json(path / "config.json").get("config_hash") == config_hash(job.config)
+
+
+def run_recipe_jobs(recipes_: list[Recipe], seeds: list, condition: str, train: dict, out: Path, run,
+                    sources: list[Path], meta: dict, log=print) -> list[dict]:
+    """Run `recipes_` (full first) on `seeds` as one resumable sweep under `out` (`run`: a `config.SweepConfig`
+    for the executor; finished jobs of `sources` are copied) and write out/recipes.csv; returns its rows."""
+    from onelayer.analysis.recipes import recipes_table
+    from onelayer.io import atomic_write_json
+    from onelayer.sweep import _run_jobs
+    from onelayer.sweep.store import write_results
+
+    jobs, names = recipe_jobs(seeds, condition, train, recipes_)
+    atomic_write_json(out / "plan.json", {
+        "spec": {**meta, "condition": condition, "train": train},
+        "recipes": [r.__dict__ for r in recipes_],
+        "jobs": [{"id": j.id, "condition": j.condition, "layers": j.layers, "seed": j.seed,
+                  "recipe": names[j.id]} for j in jobs]})
+    reuse_finished(jobs, sources, out, log)
+    _run_jobs(jobs, out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed, log=log,
+              progress=True, address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
+              max_retries=run.max_retries)
+    write_results(out, jobs)
+    return recipes_table(out, recipes_, names)
 
 
 def run_recipes(spec: RecipesSpec, run, out: str | Path | None = None, log=print) -> list[dict]:
     """Plan, run (`run`: a `config.SweepConfig` for the executor) and tabulate the recipes under `out`
     (default: FROM/recipes)."""
-    from onelayer.analysis.recipes import format_recipes, recipes_table
+    from onelayer.analysis.recipes import format_recipes
     from onelayer.analysis.report import build_report
-    from onelayer.io import atomic_write_json
-    from onelayer.sweep import _run_jobs
-    from onelayer.sweep.store import write_results
 
     contributions, condition, train, num_layers = source_condition(spec)
     out = Path(out or Path(spec.source) / "recipes")
     recipes_ = recipes(spec, contributions, num_layers)
-    jobs, names = recipe_jobs(spec, condition, train, recipes_)
-    atomic_write_json(out / "plan.json", {
-        "spec": {"recipes_from": str(spec.source), "condition": condition, "train": train},
-        "recipes": [r.__dict__ for r in recipes_],
-        "jobs": [{"id": j.id, "condition": j.condition, "layers": j.layers, "seed": j.seed,
-                  "recipe": names[j.id]} for j in jobs]})
-    reuse_finished(jobs, Path(spec.source), out, log)
-    _run_jobs(jobs, out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed, log=log,
-              progress=True, address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
-              max_retries=run.max_retries)
-    write_results(out, jobs)
-    rows = recipes_table(out, recipes_, names)
+    rows = run_recipe_jobs(recipes_, spec.seeds, condition, train, out, run, [Path(spec.source)],
+                           {"recipes_from": str(spec.source)}, log)
     log(format_recipes(rows))
     log(f"recipes: {out / 'recipes.csv'}; report: {build_report(out)}")
     return rows
