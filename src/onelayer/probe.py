@@ -17,7 +17,10 @@ the sweep replaced is the L single-layer runs plus the full run at the task's st
 has every probe's score and rank per layer; `probe_<name>.csv` has the layer/contribution columns that
 `--layers top:k@FILE` reads. `--validate SWEEP` compares each probe (and the position-only inverted-U
 null) with the sweep's C_l: Spearman ρ with a bootstrap CI over layers, ρ after regressing a quadratic
-in relative depth out of both, and top-k overlap against chance.
+in relative depth out of both, and top-k overlap against chance; with `--recipe-k K` (default 3) it also
+trains Only-BK on each ranking (every probe's, the sweep's C_l and position's Mid-K) on the sweep's training
+settings, against full RL, through the recipes' store (OUT/recipes/), so the ranking is judged by the
+recipe it would pick.
 """
 
 from __future__ import annotations
