@@ -22,14 +22,15 @@ from onelayer.config import (
 )
 from onelayer.probe import ProbeSpec
 from onelayer.sweep import SweepSpec, make_spec
+from onelayer.sweep.ensemble import EnsembleSpec
 from onelayer.sweep.recipes import RecipesSpec
 
 CONFIGS = {"train": (TrainConfig,), "eval": (TrainConfig, EvalConfig), "sweep": (SweepSpec, SweepConfig),
            "plan": (PlanConfig,), "bench": (BenchConfig,), "recipes": (RecipesSpec, SweepConfig),
-           "probe": (ProbeSpec,)}
+           "probe": (ProbeSpec,), "ensemble": (EnsembleSpec,)}
 # flags that are not a field: where values come from and where a run goes (TrainConfig is hashed, --out is not)
 EXTRA = {"train": {"--config", "--out"}, "eval": {"--config"}, "sweep": {"--config", "--preset", "--task-opt"},
-         "plan": set(), "bench": set(), "recipes": set(), "probe": set()}
+         "plan": set(), "bench": set(), "recipes": set(), "probe": set(), "ensemble": set()}
 # the flags plan, bench and sweep declared by hand before they were generated (train's and eval's come from
 # TrainConfig, which others extend)
 BEFORE = {

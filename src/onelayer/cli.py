@@ -25,6 +25,7 @@ from onelayer.config import (
     make_config,
 )
 from onelayer.probe import ProbeSpec
+from onelayer.sweep.ensemble import EnsembleSpec
 from onelayer.sweep.plan import SweepSpec
 from onelayer.sweep.recipes import RecipesSpec
 
@@ -198,6 +199,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from onelayer.sweep.ensemble import run_ensemble
+
+    run_ensemble(_config(args, EnsembleSpec))
+    return 0
+
+
 def preset_path(name: str):
     """The shipped sweep YAML of a preset name (onelayer/sweep/presets/NAME.yaml)."""
     from pathlib import Path
@@ -290,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "within a FLOP budget; --validate SWEEP checks the ranking against its C_l")
     _add_config_flags(p, ProbeSpec)
     p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("ensemble", help="majority vote over a sweep's top-k single-layer models against full RL and "
+                                        "its k-sample self-consistency vote; writes ensemble.csv")
+    _add_config_flags(p, EnsembleSpec)
+    p.set_defaults(func=cmd_ensemble)
     p = sub.add_parser("report", help="rebuild contributions.csv, summary.json, plots and report.html from a sweep")
     p.add_argument("dir", help="sweep directory")
     p.set_defaults(func=cmd_report)

@@ -59,10 +59,12 @@ def reset(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def cached_scores(path: Path, compute):
-    """Per-item scores saved once, so a resumed run does not re-evaluate the base."""
+def cached_scores(path: Path, compute) -> tuple[list, list | None]:
+    """Per-item scores and answers (None for agent tasks, and in files written before answers were kept)
+    saved once, so a resumed run does not re-evaluate the base. `compute()` returns (scores, answers)."""
     if path.is_file():
-        return read_json(path)["item_scores"]
-    scores = compute()
-    atomic_write_json(path, {"item_scores": scores})
-    return scores
+        saved = read_json(path)
+        return saved["item_scores"], saved.get("item_answers")
+    scores, answers = compute()
+    atomic_write_json(path, {"item_scores": scores, **({"item_answers": answers} if answers is not None else {})})
+    return scores, answers

@@ -47,7 +47,7 @@ def condition_key(record: dict) -> str:
 
 # --------------------------------------------------------------------------- collecting runs
 
-def _kind(run: dict) -> tuple[str, int | None]:
+def run_kind(run: dict) -> tuple[str, int | None]:
     """('base'|'full'|'layer'|'other', layer index or None)."""
     spec = str(run.get("layers", "")).strip().lower()
     idx = run.get("layer_indices")
@@ -88,7 +88,7 @@ class _Runs:
         self.collapsed: set = set()  # (kind, layer, seed) of runs whose collapse guard fired
         fallback_base: dict = {}
         for run in runs:
-            kind, layer = _kind(run)
+            kind, layer = run_kind(run)
             if kind == "other":
                 continue
             seed = run.get("seed")

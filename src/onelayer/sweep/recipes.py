@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onelayer.config import REQUIRED, ConfigError, make_config, setting
-from onelayer.io import read_json
 from onelayer.rundir import config_hash
 from onelayer.sweep.plan import Job, _slug
+from onelayer.sweep.store import sweep_condition
 
 
 @dataclass
@@ -64,17 +64,7 @@ def source_condition(spec: RecipesSpec) -> tuple[Path, str, dict, int]:
     saying what is missing."""
     from onelayer.models import model_num_layers
 
-    src = Path(spec.source)
-    contributions = src / "contributions.csv"
-    if not contributions.is_file() or not (src / "plan.json").is_file():
-        raise ConfigError(f"recipes --from {str(src)!r}: no contributions.csv and plan.json there; pass the --out "
-                          "directory of a finished `onelayer sweep` (its single-layer jobs rank the layers)")
-    plan = read_json(src / "plan.json")
-    conditions = sorted({j["condition"] for j in plan["jobs"]})
-    condition = spec.condition or (conditions[0] if len(conditions) == 1 else None)
-    if condition not in conditions:
-        raise ConfigError(f"recipes: choose --condition, one of {', '.join(conditions)}" if condition is None else
-                          f"recipes: condition {condition!r} is not in that sweep ({', '.join(conditions)})")
+    contributions, condition, plan = sweep_condition(spec.source, spec.condition, "recipes")
     return contributions, condition, dict(plan["spec"].get("train") or {}), model_num_layers(condition.split("/")[0])
 
 

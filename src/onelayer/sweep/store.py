@@ -1,6 +1,8 @@
 """The results store: one directory per job under OUT/jobs/, plus results.csv / results.parquet.
 
 A job directory is exactly a run directory (`onelayer.rundir`), with error.txt added when the job failed.
+Commands that build on a finished sweep (recipes, ensemble) read its plan and contributions through
+`sweep_condition`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import io
 from pathlib import Path
 
 from onelayer import rundir
+from onelayer.config import ConfigError
 from onelayer.io import atomic_write_text, read_json
 
 RESULT_COLUMNS = ["job_id", "condition", "model", "task", "algo", "seed", "layers", "learning_rate", "layer_indices",
@@ -68,3 +71,21 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> bool:
     pq.write_table(table, tmp)
     tmp.replace(path)
     return True
+
+
+def sweep_condition(source: str | Path, condition: str | None, command: str) -> tuple[Path, str, dict]:
+    """(contributions file, condition, plan.json) of a finished sweep directory `source`, for the one condition
+    (model/task/algo) that `condition` names or, when None, the sweep's only one; a ConfigError (prefixed with
+    `command`) saying what is missing or which conditions there are."""
+    src = Path(source)
+    contributions = src / "contributions.csv"
+    if not contributions.is_file() or not (src / "plan.json").is_file():
+        raise ConfigError(f"{command} --from {str(src)!r}: no contributions.csv and plan.json there; pass the --out "
+                          "directory of a finished `onelayer sweep` (its single-layer jobs rank the layers)")
+    plan = read_json(src / "plan.json")
+    conditions = sorted({j["condition"] for j in plan["jobs"]})
+    chosen = condition or (conditions[0] if len(conditions) == 1 else None)
+    if chosen not in conditions:
+        raise ConfigError(f"{command}: choose --condition, one of {', '.join(conditions)}" if chosen is None else
+                          f"{command}: condition {chosen!r} is not in that sweep ({', '.join(conditions)})")
+    return contributions, chosen, plan

@@ -157,11 +157,14 @@ class ArithTask(Task):
             ]
         return [dict(it) for it in self._cache[split]]
 
-    def score(self, item: dict, completion: str) -> float:
+    def answer(self, item: dict, completion: str) -> str:
+        """The first word when it is an integer (what ``score`` compares), else ""."""
         words = completion.split(maxsplit=1)
-        if not words or not _INT.fullmatch(words[0]):
-            return 0.0
-        return 1.0 if words[0] == str(item["answer"]) else 0.0
+        return words[0] if words and _INT.fullmatch(words[0]) else ""
+
+    def score(self, item: dict, completion: str) -> float:
+        answer = self.answer(item, completion)
+        return 1.0 if answer and answer == str(item["answer"]) else 0.0
 
     def demonstration(self, item: dict) -> str:
         return str(item["answer"])

@@ -2,7 +2,8 @@
 
 A task yields items (plain dicts with a stable ``id``, the ``prompt`` and its answer fields) for the
 ``train`` and ``eval`` splits, scores a completion against an item with a float in [0, 1], and can
-supply a correct completion (a *demonstration*) for the supervised warm start of tiny models.
+supply a correct completion (a *demonstration*) for the supervised warm start of tiny models. Its
+``answer`` is what a majority vote over several models' (or samples') completions compares.
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ class Task:
     def score(self, item: dict, completion: str) -> float:
         """Reward of ``completion`` (the generated text after the prompt) for ``item``, in [0, 1]."""
         raise NotImplementedError
+
+    def answer(self, item: dict, completion: str) -> str:
+        """The answer ``completion`` gives for ``item``, as a majority vote compares answers: two completions
+        with the same answer get the same score. "" means no answer (a vote skips it). By default the
+        completion stripped; a task whose score reads less of the completion (a number, a parse, a
+        program) returns just that."""
+        return completion.strip()
 
     def score_batch(self, items: list[dict], completions: list[str]) -> list[float]:
         """Scores of aligned ``items`` and ``completions``; by default calls ``score`` on each pair."""

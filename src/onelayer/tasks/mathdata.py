@@ -149,6 +149,14 @@ def mv_parse(text: str, latex: bool = False) -> list:
     return mv.parse(text, parsing_timeout=t)
 
 
+def parsed_answer(parsed: list) -> str:
+    """A canonical string of a ``mv_parse`` result: the text math-verify extracted and parsed (its last
+    string element, which determines the parsed expression), "" when nothing parsed."""
+    if not parsed:
+        return ""
+    return next((x for x in reversed(parsed) if isinstance(x, str)), str(parsed[-1]))
+
+
 def mv_verify(gold: list, pred: list) -> bool:
     """``math_verify.verify`` that works in any thread."""
     if not gold or not pred:
@@ -271,6 +279,10 @@ class MathDataTask(Task):
             gold = mv_parse(final, latex=self.gold_is_latex)
             self._gold_cache[final] = gold
         return gold
+
+    def answer(self, item: dict, completion: str) -> str:
+        """The answer math-verify extracts from the completion (the string it parsed), "" when none parses."""
+        return parsed_answer(mv_parse(completion))
 
     def score(self, item: dict, completion: str) -> float:
         return 1.0 if mv_verify(self._gold(item), mv_parse(completion)) else 0.0

@@ -135,7 +135,7 @@ class FormattedTask:
         return self._chat(text) if self.fmt.kind == "chat" else text
 
     # -- scoring ----------------------------------------------------------------------------
-    def answer(self, completion: str) -> str:
+    def extract(self, completion: str) -> str:
         """What the wrapped task scores: the completion cut at the stop string, and for numeric answers
         the number this format puts it in."""
         text = cut_at_stop(completion, self.stop_strings)
@@ -144,11 +144,15 @@ class FormattedTask:
         n = first_number(text) if self.fmt.kind == "fewshot" else chat_number(text)
         return "" if n is None else n
 
+    def answer(self, item: dict, completion: str) -> str:
+        """The wrapped task's answer of what it scores (`Task.answer`)."""
+        return self.task.answer(item, self.extract(completion))
+
     def score(self, item: dict, completion: str) -> float:
-        return self.task.score(item, self.answer(completion))
+        return self.task.score(item, self.extract(completion))
 
     def score_batch(self, items: list[dict], completions: list[str]) -> list[float]:
-        return self.task.score_batch(items, [self.answer(c) for c in completions])
+        return self.task.score_batch(items, [self.extract(c) for c in completions])
 
 
 TRAINED_FORMAT_FILE = "onelayer_prompt.json"  # written beside a trained model: the format it was trained with

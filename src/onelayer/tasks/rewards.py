@@ -59,6 +59,10 @@ class RewardFuncTask(Task):
     def demonstration(self, item: dict) -> str | None:
         return self.task.demonstration(item)
 
+    def answer(self, item: dict, completion: str) -> str:
+        """The completion itself: reward functions may read all of it (whitespace too)."""
+        return completion
+
     def score(self, item: dict, completion: str) -> float:
         return self.score_batch([item], [completion])[0]
 

@@ -41,7 +41,7 @@ from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.train.collapse import CollapseRule, check_collapse
 from onelayer.train.collapse import describe as describe_collapse
-from onelayer.train.evaluate import task_scores
+from onelayer.train.evaluate import task_results, task_scores
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
 from onelayer.train.precision import Precision
@@ -90,6 +90,7 @@ class RunState:
     writer: object
     start_step: int
     base_scores: list
+    base_answers: list | None  # None for agent tasks (and a base scored before answers were kept)
     history: list
     rule: CollapseRule
     collapse: dict | None
@@ -185,9 +186,10 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         algo=algo, block_lr=block_lr, selection=selection, precision=precision, forward=forward, fingerprint=fingerprint,
         ref_weights=ref_weights, reuse_at=reuse_at, sampler=sampler, params=params, optimizer=optimizer,
         train_items=train_items, eval_items=eval_items, check_items=check_items, keeper=keeper,
-        writer=None, start_step=start_step, base_scores=[], history=history, rule=rule,
+        writer=None, start_step=start_step, base_scores=[], base_answers=None, history=history, rule=rule,
         collapse=check_collapse(history, rule), elapsed=sum(m.get("seconds", 0.0) for m in history), started=started)
-    state.base_scores = rundir.cached_scores(out / "base_eval.json", lambda: evaluate(state, eval_items))
+    state.base_scores, state.base_answers = rundir.cached_scores(out / "base_eval.json",
+                                                                 lambda: evaluate_answers(state, eval_items))
     log(f"base score {_mean(state.base_scores):.1%} on {len(eval_items)} eval items")
     state.writer = _tensorboard(out) if cfg.tensorboard else None
     check(state, start_step)  # the base (step 0), or a check a killed run had not recorded yet
@@ -284,8 +286,8 @@ def finish(s: RunState) -> dict:
         s.log(f"keeping the weights of step {s.keeper.best['step']}: train-split check {s.keeper.best['score']:.1%} "
               f"vs {last:.1%} at step {selected} ({len(s.check_items)} held-out train items; the eval split is not used)")
         selected = s.keeper.best["step"]
-    scores = evaluate(s, s.eval_items)
-    record = _record(s, scores, selected)
+    scores, answers = evaluate_answers(s, s.eval_items)
+    record = _record(s, scores, selected, answers)
     if s.writer is not None:
         s.writer.add_scalar("eval/score", record["score"], cfg.max_steps)
         s.writer.close()
@@ -317,6 +319,12 @@ def evaluate(s: RunState, items: list[dict]) -> list[float]:
         return task_scores(s.model.eval(), s.tok, s.task, items, max_new_tokens=s.cfg.max_completion_length)
 
 
+def evaluate_answers(s: RunState, items: list[dict]) -> tuple[list[float], list[str] | None]:
+    """`evaluate` and each item's answer (`Task.answer`; None for agent tasks)."""
+    with s.precision.autocast():
+        return task_results(s.model.eval(), s.tok, s.task, items, max_new_tokens=s.cfg.max_completion_length)
+
+
 def check(s: RunState, step: int) -> float | None:
     """The train-split check at `step`, if one is due there and not recorded yet."""
     if s.keeper is None or not is_check_step(step, s.cfg.check_every, s.cfg.max_steps) or s.keeper.checked(step):
@@ -328,7 +336,7 @@ def check(s: RunState, step: int) -> float | None:
     return score
 
 
-def _record(s: RunState, scores: list[float], selected: int) -> dict:
+def _record(s: RunState, scores: list[float], selected: int, answers: list[str] | None = None) -> dict:
     cfg, sel, base = s.cfg, s.selection, s.base_scores
     unchanged, changed = frozen_unchanged(s.model, s.fingerprint)
     return {
@@ -348,6 +356,9 @@ def _record(s: RunState, scores: list[float], selected: int) -> dict:
         "selected_step": selected, "checks": s.keeper.checks if s.keeper is not None else [],
         "check_items": len(s.check_items),
         "item_ids": [it["id"] for it in s.eval_items], "item_scores": scores, "base_item_scores": base,
+        # the answers a majority vote compares (`Task.answer`), aligned with item_ids; none for agent tasks
+        **({"item_answers": answers} if answers is not None else {}),
+        **({"base_item_answers": s.base_answers} if s.base_answers is not None else {}),
     }
 
 

@@ -40,6 +40,10 @@ class CodeTask(Task):
         continuation = item.get("format", "humaneval") == "humaneval"
         return build_program(item["prompt"], completion, item.get("entry_point"), continuation)
 
+    def answer(self, item: dict, completion: str) -> str:
+        """The program run against the tests (what the score depends on)."""
+        return self.program(item, completion)
+
     def execute(self, items: list[dict], completions: list[str]) -> list[sandbox.ExecResult]:
         """Sandbox verdicts of aligned items and completions, from one ``check_programs`` call."""
         if len(items) != len(completions):
