@@ -352,10 +352,14 @@ def recipe_scores(spec: ProbeSpec, cfg: TrainConfig, results: dict, validation: 
     training settings and `spec.recipe_seeds`, against full RL; adds `recipe` (blocks, score, Δ vs full with
     CIs) to each entry of `validation`. Rankings that pick the same blocks share their runs."""
     from onelayer.config import SweepConfig
-    from onelayer.sweep.recipes import Recipe, RecipesSpec, run_recipe_jobs, source_condition
+    from onelayer.sweep.recipes import Recipe, run_recipe_jobs
+    from onelayer.sweep.store import sweep_condition
 
-    source = RecipesSpec(source=spec.against, condition=f"{cfg.model}/{cfg.task}/{cfg.algo}")
-    contributions, condition, train, L = source_condition(source)
+    contributions, condition, plan = sweep_condition(spec.against, f"{cfg.model}/{cfg.task}/{cfg.algo}",
+                                                     "probe --validate")
+    from onelayer.models import model_num_layers
+
+    train, L = dict(plan["spec"].get("train") or {}), model_num_layers(cfg.model)
     k = spec.recipe_k
     if k > L:
         raise ConfigError(f"probe: --recipe-k {k} is more than the model's {L} layers")

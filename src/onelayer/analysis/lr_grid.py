@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from onelayer.analysis.contribution import _kind, full_gain_summary, layer_contributions
+from onelayer.analysis.contribution import full_gain_summary, layer_contributions, run_kind
 
 LR_GRID_COLUMNS = ["condition", "rate", "layer", "relative_depth", "contribution", "ci_low", "ci_high", "score",
                    "gain", "check_score", "chosen_rates", "n_seeds", "collapsed"]
@@ -32,7 +32,7 @@ def choose_rates(records: list[dict], fixed: float) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     chosen = []
     for r in records:
-        if _kind(r)[0] == "base":
+        if run_kind(r)[0] == "base":
             chosen.append(r)
         else:
             groups.setdefault((str(r["layers"]), r.get("seed")), []).append(r)
@@ -53,19 +53,19 @@ def rate_profiles(runs: list[dict], fixed: float) -> dict:
     full_gain_summary}, "chosen": {layer set: [rate per seed]}}; each row as `layer_contributions` gives
     it, with ``check_score`` (the mean train-split check of its runs) added.
     """
-    trained = [r for r in runs if _kind(r)[0] != "base"]
-    base = [r for r in runs if _kind(r)[0] == "base"]
+    trained = [r for r in runs if run_kind(r)[0] != "base"]
+    base = [r for r in runs if run_kind(r)[0] == "base"]
     rates = sorted({float(r["learning_rate"]) for r in trained})
     subsets = {rate: base + [r for r in trained if float(r["learning_rate"]) == rate] for rate in rates}
     subsets["tuned"] = choose_rates(runs, fixed)
     out = {"rates": rates, "fixed": fixed, "profiles": {}, "full_gain": {}, "chosen": {}}
     for key, subset in subsets.items():
-        if not any(_kind(r)[0] == "full" for r in subset):
+        if not any(run_kind(r)[0] == "full" for r in subset):
             continue
         rows = layer_contributions(subset)
         checks = {}
         for r in subset:
-            kind, layer = _kind(r)
+            kind, layer = run_kind(r)
             if kind == "layer":
                 checks.setdefault(layer, []).append(selection_score(r))
         for row in rows:
@@ -73,7 +73,7 @@ def rate_profiles(runs: list[dict], fixed: float) -> dict:
         out["profiles"][key] = rows
         out["full_gain"][key] = full_gain_summary(subset)
     for r in sorted(subsets["tuned"], key=lambda r: (str(r["layers"]), str(r.get("seed")))):
-        if _kind(r)[0] != "base":
+        if run_kind(r)[0] != "base":
             out["chosen"].setdefault(str(r["layers"]), []).append(float(r["learning_rate"]))
     return out
 

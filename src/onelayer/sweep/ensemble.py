@@ -215,7 +215,7 @@ def run_ensemble(spec: EnsembleSpec, log=print) -> list[dict]:
     started = time.perf_counter()
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    contributions, condition, plan = sweep_condition(spec.source, spec.condition, "ensemble")
+    contributions, condition, plan = sweep_condition(spec.source, spec.condition, "ensemble --from")
     src, ks = Path(spec.source), sorted(set(spec.top))
     out = Path(spec.out) if spec.out else src / "ensemble"
     jobs = finished_jobs(src, plan, condition)

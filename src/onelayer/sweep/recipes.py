@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onelayer.config import REQUIRED, ConfigError, make_config, setting
+from onelayer.io import read_json
 from onelayer.rundir import config_hash
 from onelayer.sweep.plan import Job, _slug
 from onelayer.sweep.store import sweep_condition
@@ -64,7 +65,7 @@ def source_condition(spec: RecipesSpec) -> tuple[Path, str, dict, int]:
     saying what is missing."""
     from onelayer.models import model_num_layers
 
-    contributions, condition, plan = sweep_condition(spec.source, spec.condition, "recipes")
+    contributions, condition, plan = sweep_condition(spec.source, spec.condition, "recipes --from")
     return contributions, condition, dict(plan["spec"].get("train") or {}), model_num_layers(condition.split("/")[0])
 
 

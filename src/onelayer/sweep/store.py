@@ -76,15 +76,15 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> bool:
 def sweep_condition(source: str | Path, condition: str | None, command: str) -> tuple[Path, str, dict]:
     """(contributions file, condition, plan.json) of a finished sweep directory `source`, for the one condition
     (model/task/algo) that `condition` names or, when None, the sweep's only one; a ConfigError (prefixed with
-    `command`) saying what is missing or which conditions there are."""
+    `command`, the command and its flag) saying what is missing or which conditions there are."""
     src = Path(source)
     contributions = src / "contributions.csv"
     if not contributions.is_file() or not (src / "plan.json").is_file():
-        raise ConfigError(f"{command} --from {str(src)!r}: no contributions.csv and plan.json there; pass the --out "
+        raise ConfigError(f"{command} {str(src)!r}: no contributions.csv and plan.json there; pass the --out "
                           "directory of a finished `onelayer sweep` (its single-layer jobs rank the layers)")
     plan = read_json(src / "plan.json")
     conditions = sorted({j["condition"] for j in plan["jobs"]})
-    chosen = condition or (conditions[0] if len(conditions) == 1 else None)
+    chosen, command = condition or (conditions[0] if len(conditions) == 1 else None), command.split()[0]
     if chosen not in conditions:
         raise ConfigError(f"{command}: choose --condition, one of {', '.join(conditions)}" if chosen is None else
                           f"{command}: condition {chosen!r} is not in that sweep ({', '.join(conditions)})")
