@@ -77,3 +77,14 @@ def test_recipes_that_resolve_to_the_same_blocks_keep_their_own_jobs(tmp_path):
     assert len({j.id for j in jobs}) == len(jobs) == 2 * 6
     assert sorted(n for n in names.values() if n == "copy-of-only") == ["copy-of-only"] * 2
     assert sum(n == "only-B1" for n in names.values()) == 2
+
+
+def test_recipes_set_overrides_the_source_training_settings(tmp_path, capsys):
+    src = source_sweep(tmp_path / "sweep")
+    out = tmp_path / "recipes"
+    assert main(["recipes", "--from", str(src), "--k", "1", "--seeds", "0", "--draws", "0", "--out", str(out),
+                 "--set", "max_steps=1"]) == 0
+    configs = [json.loads(p.read_text()) for p in (out / "jobs").glob("*/config.json")]
+    assert len(configs) == 5 and {c["max_steps"] for c in configs} == {1}
+    assert main(["recipes", "--from", str(src), "--set", "layers=0"]) == 2
+    assert "what the recipes choose" in capsys.readouterr().err

@@ -41,12 +41,17 @@ class RecipesSpec:
     boost: float = setting(2.0, "Boost-Bk: the learning-rate multiplier of the top k layers")
     condition: str | None = setting(None, "the sweep condition (model/task/algo) to use",
                                     default_doc="the sweep's only condition")
+    train: dict = setting({}, "training config key over the source sweep's, for every recipe job (e.g. threads=1); "
+                              "with any, no job is copied from the source sweep", flag="--set")
 
     def validate(self) -> None:
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise ConfigError(f"recipes: --k {self.ks!r} must list positive integers, e.g. 1,3,5")
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
             raise ConfigError(f"recipes: --seeds {self.seeds!r} must list integers, e.g. 0,1,2")
+        swept = {"model", "task", "algo", "seed", "layers", "layer_lr"} & set(self.train)
+        if swept:
+            raise ConfigError(f"recipes: --set {sorted(swept)[0]} is what the recipes choose; set other training keys")
         if self.draws < 0 or not self.boost > 0:
             raise ConfigError("recipes: --draws must be >= 0 and --boost > 0")
 
@@ -159,8 +164,9 @@ def run_recipes(spec: RecipesSpec, run, out: str | Path | None = None, log=print
     contributions, condition, train, num_layers = source_condition(spec)
     out = Path(out or Path(spec.source) / "recipes")
     recipes_ = recipes(spec, contributions, num_layers)
-    rows = run_recipe_jobs(recipes_, spec.seeds, condition, train, out, run, [Path(spec.source)],
-                           {"recipes_from": str(spec.source)}, log)
+    # an override may be resume-free (threads: the same config hash), so the source's jobs are not reused
+    rows = run_recipe_jobs(recipes_, spec.seeds, condition, {**train, **spec.train}, out, run,
+                           [] if spec.train else [Path(spec.source)], {"recipes_from": str(spec.source)}, log)
     log(format_recipes(rows))
     log(f"recipes: {out / 'recipes.csv'}; report: {build_report(out)}")
     return rows
