@@ -147,8 +147,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from onelayer.train import run
+    from onelayer.train.distributed import launch, launched, precheck
 
     cfg = _train_config(args)
+    if cfg.nproc > 1 and not launched():  # this process starts the job's processes (torchrun) and waits
+        precheck(cfg, args.out)  # bad input fails here, in one line, before any process starts
+        return launch(args.argv, cfg.nproc)
     run(cfg, args.out)
     return 0
 
@@ -320,6 +324,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from onelayer.train import TrainingError
 
     try:

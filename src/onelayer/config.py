@@ -122,6 +122,13 @@ class TrainConfig:
                                "forwards, float32 trainable weights and AdamW state)", **DTYPE)
     frozen_dtype: str | None = _f(None, "storage dtype of frozen tensors", default_doc="the compute dtype", **DTYPE)
     threads: int | None = _f(None, "torch CPU threads", default_doc="torch's choice", resume_free=True)
+    # one job on several processes (onelayer.train.distributed)
+    nproc: int = _f(1, "processes for this one job: onelayer train launches them with torchrun (under torchrun "
+                       "its --nproc-per-node counts); prompts_per_step must divide by it", resume_free=True)
+    parallel: str = _f("auto", "with several processes: ddp (replicated weights, gradients all-reduced), fsdp "
+                               "(FSDP2: weights, gradients and AdamW state sharded) or auto (fsdp when the model "
+                               "plus AdamW state would not fit one device by the planner's estimate, else ddp)",
+                       choices=("auto", "ddp", "fsdp"), resume_free=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,6 +293,7 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.prompt_format is None or cfg.prompt_format in PROMPT_FORMATS, "prompt_format",
          f"must be one of {', '.join(PROMPT_FORMATS)}")
     need(cfg.fewshot_k >= 1, "fewshot_k", "must be >= 1")
+    need(cfg.nproc >= 1, "nproc", "must be at least 1")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
          "must be cpu, cuda[:N], mps or auto")
 

@@ -196,6 +196,20 @@ def lowest_trainable_block(model: nn.Module, block_path: str | None = None) -> i
     return len(blocks) if any(p.requires_grad for p in model.parameters()) else None
 
 
+def training_state_bytes(model: nn.Module, beta: float = 0.0) -> int:
+    """The planner's weights + gradients + AdamW moments (+ the KL reference) of a model whose layers are selected,
+    from its tensors as stored: every weight, and per trainable one a gradient, two moments and (beta > 0) a
+    reference copy at its dtype. Activations are not included."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = p.numel() * p.element_size()
+        total += size * (2 + ADAM_MOMENTS + (beta > 0)) if p.requires_grad else size
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 
