@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import kill_seed, poll_until
 from onelayer.rollout import RolloutBatch, left_pad, sample
 
 # two update passes: the second one's ratios differ from 1, so its losses are not ~0 as a first pass's are
@@ -152,3 +156,112 @@ def test_two_processes_match_one_on_the_same_global_batch(parallel, layers, refe
     assert config["config_hash"] == json.loads((one / "config.json").read_text())["config_hash"]
     if parallel == "fsdp":
         assert config["forward"].startswith("hf (FSDP")
+
+
+TRAIN = ["train", "--no-warm-start", "--max-completion-length", "8", "--prompts-per-step", "4", "--num-generations",
+         "2", "--task-opt", "n_eval=8", "--threads", "1", "--no-progress", "--save-every", "1", "--no-save-model"]
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
+        found += kids
+        todo += kids
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+def _step(out: Path) -> int:
+    try:
+        return json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rerun_nproc", [2, 1])
+def test_a_sigkilled_rank_then_a_rerun_completes_from_the_sharded_checkpoint(rerun_nproc, tmp_path):
+    """`onelayer train --nproc 2` (torchrun), rank 1 SIGKILLed after a few checkpoints: torchrun ends the job; the
+    same command (or one with another --nproc) resumes from the sharded checkpoint and finishes."""
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--layers", "2", "--max-steps", "40", "--parallel", "fsdp", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    job = subprocess.Popen([sys.executable, "-m", "onelayer", *argv, "--nproc", "2"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    at = 2 + kill_seed() % 3
+    try:
+        assert poll_until(lambda: _step(out) >= at, timeout=120), "no checkpoint"
+        rank1 = [p for p in _children(job.pid) if _rank_of(p) == 1]
+        assert rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        assert job.wait(timeout=120) != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    killed_at = _step(out)
+    assert 0 < killed_at < 40 and not (out / "eval.json").exists()
+    done = subprocess.run([sys.executable, "-m", "onelayer", *argv, "--nproc", str(rerun_nproc)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from the checkpoint at step {killed_at}" in done.stdout + done.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+    record = json.loads((out / "eval.json").read_text())
+    assert record["frozen_unchanged"] and record["steps"] == 40
+
+
+def _fails(capsys, argv: list[str]) -> str:
+    from onelayer.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    out = ["--out", str(tmp_path / "r")]
+    assert "must be auto, ddp or fsdp" in _fails(capsys, [*TRAIN, "--parallel", "zero3", *out])
+    assert "prompts_per_step 4 does not divide by --nproc 3" in _fails(capsys, [*TRAIN, "--nproc", "3", *out])
+    assert "mini_batch_size 3 does not divide" in _fails(capsys, [*TRAIN, "--nproc", "2", "--mini-batch-size", "3", *out])
+    # a resume with another global batch
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config_hash": "0" * 16, "prompts_per_step": 8, "num_generations": 2}))
+    err = _fails(capsys, [*TRAIN, "--nproc", "2", "--out", str(run)])
+    assert "global batch of 8 prompts x 2 completions" in err and "(got 4 x 2)" in err
+
+
+def test_more_processes_than_gpus_is_a_config_error(monkeypatch):
+    from onelayer.config import ConfigError, TrainConfig
+    from onelayer.train.distributed import check
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="--nproc 2: only 1 CUDA device"):
+        check(TrainConfig(prompts_per_step=4), 2, "cuda")
+
+
+def test_auto_is_fsdp_only_when_the_state_does_not_fit():
+    from onelayer.train.distributed import choose_method
+
+    assert choose_method("auto", 10 * 2**30, 80 * 2**30)[0] == "ddp"
+    assert choose_method("auto", 100 * 2**30, 80 * 2**30)[0] == "fsdp"
+    assert choose_method("ddp", 100 * 2**30, 80 * 2**30) == ("ddp", "asked for")

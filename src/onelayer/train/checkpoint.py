@@ -93,7 +93,8 @@ def load_sharded(ckpt_dir: Path, model, optimizer) -> None:
     msd, osd = get_state_dict(model, optimizer, options=_options())
     sd = {"model": msd, "optimizer": osd}
     dcp.load(sd, checkpoint_id=str(ckpt_dir))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=_options())
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                   options=_options(strict=False))  # the frozen tensors are the base model's, not in the checkpoint
 
 
 def _load_whole_into_sharded(ckpt_dir: Path, model, optimizer) -> None:

@@ -394,9 +394,23 @@ def precheck(cfg, out) -> None:
 
 
 def launch(argv: list[str], nproc: int) -> int:
-    """Run `onelayer ARGV` in `nproc` processes on this machine (torchrun, a free port); its exit status."""
+    """Run `onelayer ARGV` in `nproc` processes on this machine (torchrun, a free port); its exit status. The
+    processes get ARGV without --nproc (torchrun's world size says it; torchrun would read --nproc as its own)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[2]),
                                                                    os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "onelayer", *argv]
+           "-m", "onelayer", *without_flag(argv, "--nproc")]
     return subprocess.call(cmd, env=env)
+
+
+def without_flag(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag VALUE` and `flag=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out

@@ -14,6 +14,7 @@ processes runs this same loop in each; `onelayer.train.distributed` (`RunState.d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     task = tasks.make(cfg.task, **cfg.task_opts)
     user_cfg, cfg = cfg, with_task_defaults(cfg, task)  # unset settings take the task's suggestions
     check_parallel(cfg, dp.world, device)
+    cfg = dataclasses.replace(cfg, nproc=dp.world)  # as run (torchrun's count); resume-free, not in the hash
     algo = resolve_algo(cfg)
     check_backend(cfg)
     model, tok, source = load_model(cfg, task, cfg.max_completion_length, device, log)
