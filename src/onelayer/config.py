@@ -365,9 +365,12 @@ class PlanConfig:
     block_path: str | None = _f(None, "dotted path of the decoder blocks' ModuleList", default_doc="found by discovery")
     json: str | None = _f(None, "also write the plan (full, selected, assumptions) to this JSON file",
                           default_doc="not written")
+    nproc: int = _f(1, "processes of one job: > 1 adds each process's memory (--batch-size per process)")
+    parallel: str = _f("fsdp", "with --nproc > 1: ddp (everything replicated) or fsdp (weights, gradients and AdamW "
+                               "state sharded 1/N)", choices=("ddp", "fsdp"))
 
     def validate(self) -> None:
-        _positive(self, "batch_size", "seq_len")
+        _positive(self, "batch_size", "seq_len", "nproc")
         if self.beta < 0:
             raise ConfigError(f"--beta {self.beta}: must be >= 0")
 
