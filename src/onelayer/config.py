@@ -387,6 +387,8 @@ class BenchConfig:
     threads: int | None = _f(None, "torch CPU threads in every run", default_doc="torch's choice")
     device: str = _f("cpu", "cpu or cuda")
     no_trl: bool = _f(False, "time onelayer alone (no TRL installed)", negatable=False)
+    nproc: int = _f(1, "also time onelayer on this many processes (torchrun; gloo on CPU) with the same global batch, "
+                       "against one process")
     json: str | None = _f(None, "write the results (ratios at the top level, per-model runs under 'models')",
                           default_doc="not written")
 
@@ -399,6 +401,7 @@ class BenchConfig:
                 raise ConfigError(f"--models: {m!r} is not a built-in tiny model or a built-in real model; choose "
                                   f"from {known_models()}")
         _positive(self, "warmup", msg="at least one warm-up step")
+        _positive(self, "nproc")
         _positive(self, "rounds", msg="at least one round")
 
 

@@ -171,7 +171,7 @@ class Parallel:
         return compute(whole)[mine]
 
     def metrics(self, metrics: dict) -> dict:
-        """The step's metrics over all ranks: phase times the slowest rank's, other numbers the mean of the
+        """The step's metrics over all ranks: times the slowest rank's, other numbers the mean of the
         ranks' (ranks hold equal shares; the update's and the rewards' are already the whole step's)."""
         if not self.active:
             return metrics
@@ -180,7 +180,7 @@ class Parallel:
         out = dict(metrics)
         for i, k in enumerate(keys):
             col = every[:, i]
-            value = col.max().item() if k.endswith("_s") else col.mean().item()
+            value = col.max().item() if k.endswith("_s") or k == "seconds" else col.mean().item()
             out[k] = type(metrics[k])(value) if isinstance(metrics[k], int) else value
         return out
 
