@@ -180,6 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = make_spec(values)
     rows = run_sweep(spec, run.out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed,
                      address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
+                     procs_per_job=run.procs_per_job,
                      max_retries=run.max_retries)
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} jobs done"

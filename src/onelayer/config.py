@@ -417,6 +417,8 @@ class SweepConfig:
     num_cpus_per_job: float = _f(1.0, "--executor ray: CPUs each job declares")
     num_gpus_per_job: float = _f(0.0, "--executor ray: GPUs each job declares")
     max_retries: int = _f(2, "--executor ray: retries of a job whose worker crashed or that failed")
+    procs_per_job: int = _f(1, "--executor ray: processes per job (torchrun inside the job's Ray task, one job over "
+                               "them as onelayer train --nproc; --num-cpus-per-job and --num-gpus-per-job cover all)")
     retry_failed: bool = _f(False, "restart jobs that failed before from scratch, instead of resuming them from "
                                    "their checkpoint", negatable=False)
 
@@ -425,3 +427,6 @@ class SweepConfig:
 
         if self.executor not in EXECUTORS:
             raise ConfigError(f"unknown executor {self.executor!r}; available: {', '.join(EXECUTORS)}")
+        _positive(self, "procs_per_job")
+        if self.procs_per_job > 1 and self.executor != "ray":
+            raise ConfigError(f"--procs-per-job {self.procs_per_job}: only with --executor ray (or run onelayer train --nproc)")
