@@ -90,7 +90,7 @@ def run_tiny(settings: dict, out: str, lean: bool = True) -> dict:
 
 def _worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), ONELAYER_DIST_TIMEOUT="180")  # a stuck collective fails the test
     run_tiny(settings, out)
 
 

@@ -380,7 +380,9 @@ def init(cfg, device: str) -> tuple[Parallel, str]:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
+        # a collective that waits this long (a rank died or took another path) fails instead of hanging
+        timeout = timedelta(seconds=float(os.environ.get("ONELAYER_DIST_TIMEOUT", "1800")))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
     return Parallel(world=world, rank=rank, local_rank=local, device=device), device
 
 
