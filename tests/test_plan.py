@@ -14,6 +14,7 @@ from onelayer.models.layers import copy_trainable, find_blocks, select_layers, t
 from onelayer.models.plan import (
     activation_elements_per_token_per_block,
     block_shape,
+    format_plan,
     meta_model,
     plan_memory,
     resolve_config,
@@ -281,3 +282,20 @@ def test_plan_matches_what_the_trainer_holds(layout, spec):
     sel = plan["selected"]
     assert sel["param_bytes"] - (sel["total_params"] - sel["trainable_params"]) * 2 + sel["grad_bytes"] \
         + sel["optimizer_bytes"] == per_param * sel["trainable_params"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_per_rank_memory_of_a_job_over_several_processes(parallel):
+    """FSDP shards weights (frozen ones too), gradients and AdamW state 1/N and holds the gathered root unit and
+    two blocks; DDP replicates everything; activations are per rank's micro-batch either way."""
+    one = plan_memory("qwen3-8b", "middle:1", batch_size=4)
+    four = plan_memory("qwen3-8b", "middle:1", batch_size=4, nproc=4, parallel=parallel)
+    assert "per_rank" not in one["selected"]
+    for name in ("full", "selected"):
+        whole, rank = four[name], four[name]["per_rank"]
+        for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+            assert rank[key] == (whole[key] if parallel == "ddp" else -(-whole[key] // 4)), key
+        assert rank["activation_bytes"] == whole["activation_bytes"] == one[name]["activation_bytes"]
+        assert (rank["gathered_bytes"] > 0) == (parallel == "fsdp")
+        assert rank["total_bytes"] <= whole["total_bytes"] + rank["gathered_bytes"]
+    assert "per rank of 4 processes" in format_plan(four)

@@ -53,6 +53,23 @@ def test_failed_job_is_retried_then_recorded(local_ray, tmp_path):
     assert (path / "error.txt").is_file()
 
 
+@pytest.mark.slow
+def test_procs_per_job_runs_each_job_over_that_many_processes(local_ray, tmp_path):
+    """--procs-per-job 2: the job's Ray task starts torchrun, and the job trains on 2 processes (gloo)."""
+    from onelayer.sweep.ray_executor import run_ray
+
+    job = plan(make_spec({"single_layers": False}))[1]
+    tiny = dict(layers="3", warm_start=False, max_steps=2, prompts_per_step=2, num_generations=2,
+                max_completion_length=4, task_opts={"n_eval": 4}, save_model=False, save_every=1)
+    job = dataclasses.replace(job, id="two-procs", config=dataclasses.replace(job.config, **tiny))
+    done = []
+    run_ray([job], str(tmp_path), lambda job_id, status: done.append((job_id, status)), num_cpus=2, procs=2,
+            max_retries=0, log=lambda m: None)
+    assert done == [("two-procs", "done")]
+    record = json.loads((tmp_path / "jobs" / "two-procs" / "eval.json").read_text())
+    assert record["parallel"]["world_size"] == 2 and record["steps"] == 2
+
+
 def test_missing_ray_is_a_config_error(monkeypatch):
     from onelayer.config import ConfigError
     from onelayer.sweep.ray_executor import _import_ray

@@ -148,8 +148,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from onelayer.train import run
+    from onelayer.train.distributed import launch, launched, precheck
 
     cfg = _train_config(args)
+    if cfg.nproc > 1 and not launched():  # this process starts the job's processes (torchrun) and waits
+        precheck(cfg, args.out)  # bad input fails here, in one line, before any process starts
+        return launch(args.argv, cfg.nproc)
     run(cfg, args.out)
     return 0
 
@@ -177,6 +181,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = make_spec(values)
     rows = run_sweep(spec, run.out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed,
                      address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
+                     procs_per_job=run.procs_per_job,
                      max_retries=run.max_retries)
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} jobs done"
@@ -260,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = _config(args, BenchConfig)
     result = run_bench(tuple(cfg.models), steps=cfg.steps, warmup=cfg.warmup, threads=cfg.threads, device=cfg.device,
-                       with_trl=not cfg.no_trl, rounds=cfg.rounds, log=lambda msg: print(msg, file=sys.stderr))
+                       with_trl=not cfg.no_trl, rounds=cfg.rounds, nproc=cfg.nproc, log=lambda msg: print(msg, file=sys.stderr))
     print(format_report(result))
     if cfg.json:
         atomic_write_json(cfg.json, result)
@@ -332,6 +337,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from onelayer.train import TrainingError
 
     try:

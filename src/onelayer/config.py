@@ -122,6 +122,13 @@ class TrainConfig:
                                "forwards, float32 trainable weights and AdamW state)", **DTYPE)
     frozen_dtype: str | None = _f(None, "storage dtype of frozen tensors", default_doc="the compute dtype", **DTYPE)
     threads: int | None = _f(None, "torch CPU threads", default_doc="torch's choice", resume_free=True)
+    # one job on several processes (onelayer.train.distributed)
+    nproc: int = _f(1, "processes for this one job: onelayer train launches them with torchrun (under torchrun "
+                       "its --nproc-per-node counts); prompts_per_step must divide by it", resume_free=True)
+    parallel: str = _f("auto", "with several processes: ddp (replicated weights, gradients all-reduced), fsdp "
+                               "(FSDP2: weights, gradients and AdamW state sharded) or auto (fsdp when the model "
+                               "plus AdamW state would not fit one device by the planner's estimate, else ddp)",
+                       choices=("auto", "ddp", "fsdp"), resume_free=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,6 +293,7 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.prompt_format is None or cfg.prompt_format in PROMPT_FORMATS, "prompt_format",
          f"must be one of {', '.join(PROMPT_FORMATS)}")
     need(cfg.fewshot_k >= 1, "fewshot_k", "must be >= 1")
+    need(cfg.nproc >= 1, "nproc", "must be at least 1")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
          "must be cpu, cuda[:N], mps or auto")
 
@@ -357,9 +365,12 @@ class PlanConfig:
     block_path: str | None = _f(None, "dotted path of the decoder blocks' ModuleList", default_doc="found by discovery")
     json: str | None = _f(None, "also write the plan (full, selected, assumptions) to this JSON file",
                           default_doc="not written")
+    nproc: int = _f(1, "processes of one job: > 1 adds each process's memory (--batch-size per process)")
+    parallel: str = _f("fsdp", "with --nproc > 1: ddp (everything replicated) or fsdp (weights, gradients and AdamW "
+                               "state sharded 1/N)", choices=("ddp", "fsdp"))
 
     def validate(self) -> None:
-        _positive(self, "batch_size", "seq_len")
+        _positive(self, "batch_size", "seq_len", "nproc")
         if self.beta < 0:
             raise ConfigError(f"--beta {self.beta}: must be >= 0")
 
@@ -376,6 +387,8 @@ class BenchConfig:
     threads: int | None = _f(None, "torch CPU threads in every run", default_doc="torch's choice")
     device: str = _f("cpu", "cpu or cuda")
     no_trl: bool = _f(False, "time onelayer alone (no TRL installed)", negatable=False)
+    nproc: int = _f(1, "also time onelayer on this many processes (torchrun; gloo on CPU) with the same global batch, "
+                       "against one process")
     json: str | None = _f(None, "write the results (ratios at the top level, per-model runs under 'models')",
                           default_doc="not written")
 
@@ -388,6 +401,7 @@ class BenchConfig:
                 raise ConfigError(f"--models: {m!r} is not a built-in tiny model or a built-in real model; choose "
                                   f"from {known_models()}")
         _positive(self, "warmup", msg="at least one warm-up step")
+        _positive(self, "nproc")
         _positive(self, "rounds", msg="at least one round")
 
 
@@ -403,6 +417,8 @@ class SweepConfig:
     num_cpus_per_job: float = _f(1.0, "--executor ray: CPUs each job declares")
     num_gpus_per_job: float = _f(0.0, "--executor ray: GPUs each job declares")
     max_retries: int = _f(2, "--executor ray: retries of a job whose worker crashed or that failed")
+    procs_per_job: int = _f(1, "--executor ray: processes per job (torchrun inside the job's Ray task, one job over "
+                               "them as onelayer train --nproc; --num-cpus-per-job and --num-gpus-per-job cover all)")
     retry_failed: bool = _f(False, "restart jobs that failed before from scratch, instead of resuming them from "
                                    "their checkpoint", negatable=False)
 
@@ -411,3 +427,6 @@ class SweepConfig:
 
         if self.executor not in EXECUTORS:
             raise ConfigError(f"unknown executor {self.executor!r}; available: {', '.join(EXECUTORS)}")
+        _positive(self, "procs_per_job")
+        if self.procs_per_job > 1 and self.executor != "ray":
+            raise ConfigError(f"--procs-per-job {self.procs_per_job}: only with --executor ray (or run onelayer train --nproc)")

@@ -28,7 +28,15 @@ def config_hash(cfg) -> str:
 def check_resumable(cfg, out: Path) -> None:
     """A ConfigError if `out` already holds a run with a different config."""
     if (out / "config.json").is_file():
-        old = read_json(out / "config.json").get("config_hash")
+        saved = read_json(out / "config.json")
+        old = saved.get("config_hash")
+        batch = [(k, saved.get(k), getattr(cfg, k, None)) for k in ("prompts_per_step", "num_generations")]
+        if old and old != config_hash(cfg) and any(new is not None and was not in (None, new) for _, was, new in batch):
+            raise ConfigError(
+                f"{out} was trained with a global batch of {batch[0][1]} prompts x {batch[1][1]} completions; a "
+                f"resume needs the same (got {batch[0][2] or batch[0][1]} x {batch[1][2]}); any --nproc that divides it "
+                "may resume it, or use a new --out directory"
+            )
         if old and old != config_hash(cfg):
             raise ConfigError(
                 f"{out} already holds a run with a different config; use a new --out directory "
@@ -59,12 +67,14 @@ def reset(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def cached_scores(path: Path, compute) -> tuple[list, list | None]:
+def cached_scores(path: Path, compute, write: bool = True) -> tuple[list, list | None]:
     """Per-item scores and answers (None for agent tasks, and in files written before answers were kept)
-    saved once, so a resumed run does not re-evaluate the base. `compute()` returns (scores, answers)."""
+    saved once (unless not `write`: another process of the job does), so a resumed run does not re-evaluate
+    the base. `compute()` returns (scores, answers)."""
     if path.is_file():
         saved = read_json(path)
         return saved["item_scores"], saved.get("item_answers")
     scores, answers = compute()
-    atomic_write_json(path, {"item_scores": scores, **({"item_answers": answers} if answers is not None else {})})
+    if write:
+        atomic_write_json(path, {"item_scores": scores, **({"item_answers": answers} if answers is not None else {})})
     return scores, answers

@@ -14,7 +14,14 @@ from onelayer.algos.advantages import (
     gigpo_advantages,
     group_advantages,
 )
-from onelayer.algos.losses import LOSS_AGGREGATIONS, aggregate_loss, kl_k3, merge_duplicate_rows, policy_loss
+from onelayer.algos.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    kl_k3,
+    loss_denominator,
+    merge_duplicate_rows,
+    policy_loss,
+)
 from onelayer.algos.presets import PRESETS, AlgoPreset, get_preset
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "gigpo_advantages",
     "group_advantages",
     "kl_k3",
+    "loss_denominator",
     "merge_duplicate_rows",
     "policy_loss",
 ]

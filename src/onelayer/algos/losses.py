@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "kl_k3", "merge_duplicate_rows", "policy_loss"]
+__all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "kl_k3", "loss_denominator", "merge_duplicate_rows",
+           "policy_loss"]
 
 LOSS_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean")
 
@@ -23,8 +24,30 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+def loss_denominator(mask: Tensor, agg: str, norm_len: int | None = None, weights: Tensor | None = None) -> Tensor:
+    """The normaliser ``aggregate_loss`` divides by: Σ w (seq-mean-token-mean), Σ w · norm_len
+    (seq-mean-token-sum-norm) or Σ w · tokens (token-mean, before its clamp at 1). A shard of a batch
+    (one process's rows) sums its value with the other shards' and passes the total as ``denominator``,
+    so the shards' losses add up to the whole batch's.
+
+    mask: Tensor[B,T] float; weights: Tensor[B] or None. Returns a scalar Tensor.
+    """
+    w = torch.ones(mask.shape[0], dtype=mask.dtype, device=mask.device) if weights is None else weights.to(mask.dtype)
+    if agg == "seq-mean-token-mean":
+        return w.sum()
+    if agg == "seq-mean-token-sum-norm":
+        n = mask.shape[-1] if norm_len is None else norm_len
+        if n <= 0:
+            raise ValueError(f"norm_len must be positive, got {n}")
+        return w.sum() * n
+    if agg == "token-mean":
+        return (w * mask.sum(-1)).sum()
+    raise ValueError(f"agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
+
+
 def aggregate_loss(
-    per_token: Tensor, mask: Tensor, agg: str, norm_len: int | None = None, weights: Tensor | None = None
+    per_token: Tensor, mask: Tensor, agg: str, norm_len: int | None = None, weights: Tensor | None = None,
+    denominator: Tensor | None = None,
 ) -> Tensor:
     """Reduce a per-token loss to a scalar.
 
@@ -36,19 +59,19 @@ def aggregate_loss(
     weights: Tensor[B] or None, how many rows each row stands for (``merge_duplicate_rows``): every sum
     over rows, numerator and denominator, counts row i w_i times, so a merged batch gives the loss of
     the batch it came from.
+    denominator: the whole batch's ``loss_denominator`` when these rows are a shard of it (default: this
+    batch's own), so the shards' results sum to the whole batch's loss.
     Returns a scalar Tensor.
     """
     w = torch.ones(mask.shape[0], dtype=mask.dtype, device=mask.device) if weights is None else weights.to(mask.dtype)
     masked = per_token * mask
+    den = loss_denominator(mask, agg, norm_len, weights) if denominator is None else denominator
     if agg == "seq-mean-token-mean":
-        return (w * masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / w.sum()
+        return (w * masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / den
     if agg == "seq-mean-token-sum-norm":
-        n = mask.shape[-1] if norm_len is None else norm_len
-        if n <= 0:
-            raise ValueError(f"norm_len must be positive, got {n}")
-        return (w * masked.sum(-1)).sum() / (w.sum() * n)
+        return (w * masked.sum(-1)).sum() / den
     if agg == "token-mean":
-        return (w * masked.sum(-1)).sum() / (w * mask.sum(-1)).sum().clamp(min=1)
+        return (w * masked.sum(-1)).sum() / den.clamp(min=1)
     raise ValueError(f"agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
 
 
@@ -99,6 +122,7 @@ def policy_loss(
     agg: str = "seq-mean-token-mean",
     norm_len: int | None = None,
     weights: Tensor | None = None,
+    denominator: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-style clipped surrogate loss (GRPO family), differentiable wrt ``logp``.
 
@@ -109,7 +133,8 @@ def policy_loss(
     logp, old_logp, mask: Tensor[B,T] (mask bool or float); advantages: Tensor[B] (one per sequence)
     or Tensor[B,T] (per token); ref_logp: Tensor[B,T] or None. old_logp and ref_logp are treated as
     constants. clip_eps_high defaults to clip_eps. weights: Tensor[B] or None, row multiplicities from
-    ``merge_duplicate_rows`` (the loss and the stats count row i w_i times).
+    ``merge_duplicate_rows`` (the loss and the stats count row i w_i times). denominator: the whole batch's
+    ``loss_denominator`` when these rows are a shard of it (``aggregate_loss``).
 
     Returns (loss: scalar Tensor, stats) where stats are python floats over masked tokens:
       loss, clip_frac, clip_frac_low, clip_frac_high, ratio_mean, kl (mean k3; 0.0 without ref_logp).
@@ -156,7 +181,7 @@ def policy_loss(
         if beta > 0:
             per_token = per_token + beta * kl
     per_token = torch.where(valid, per_token, zero)
-    loss = aggregate_loss(per_token, m, agg, norm_len, weights)
+    loss = aggregate_loss(per_token, m, agg, norm_len, weights, denominator)
 
     with torch.no_grad():
         if weights is not None:  # the stats count row i w_i times, as the loss does

@@ -98,15 +98,16 @@ def _model_dir(model: str, tmp: str, log) -> str:
 
 
 def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, device: str, with_trl: bool,
-                rounds: int = 2, log=print) -> dict:
-    """Both layer sets of one model, both tools; returns the medians, ratios and floors."""
+                rounds: int = 2, nproc: int = 1, log=print) -> dict:
+    """Both layer sets of one model, both tools (and onelayer on `nproc` processes); returns the medians, ratios
+    and floors."""
     with tempfile.TemporaryDirectory(prefix="onelayer-bench-") as tmp:
         return _bench_model(model, _model_dir(model, tmp, log), steps=steps, warmup=warmup, threads=threads,
-                            device=device, with_trl=with_trl, rounds=rounds, log=log)
+                            device=device, with_trl=with_trl, rounds=rounds, nproc=nproc, log=log)
 
 
 def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads: int | None, device: str,
-                 with_trl: bool, rounds: int, log) -> dict:
+                 with_trl: bool, rounds: int, nproc: int, log) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from onelayer.models.layer_spec import middle_layers
@@ -129,6 +130,8 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
                     "kernel_choice": kernels.choose(rows, s["H"], s["I"]) if device == "cpu" else "default",
                     "runs": {}}
     tools = ("onelayer", "trl") if with_trl else ("onelayer",)
+    if nproc > 1:
+        tools += (f"onelayer*{nproc}",)  # the same global batch over nproc processes
     order = [(layers, tool) for layers in LAYER_SETS for tool in tools]
     # rounds alternate the order of the runs, so slow drift of the machine's speed hits every run alike;
     # step times of all rounds are pooled per run
@@ -136,7 +139,8 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
         for layers, tool in (order if r % 2 == 0 else order[::-1]):
             spec = replace(base, layers=layers)
             log(f"  {model} layers={layers}: {tool} (round {r + 1}/{rounds}: {warmup} warm-up + {steps} timed steps)")
-            _pool(result["runs"], f"{tool}/{layers}", run_worker(tool, spec, model_dir, device))
+            name, n = tool.partition("*")[::2]
+            _pool(result["runs"], f"{tool}/{layers}", run_worker(name, spec, model_dir, device, nproc=int(n or 1)))
 
     runs = result["runs"]
     for r in runs.values():  # per-step completion lengths -> their mean over all rounds
@@ -162,6 +166,13 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
         "optimizer_bytes_full": runs["onelayer/all"]["optimizer_bytes"],
         "optimizer_bytes_layer": runs["onelayer/middle:1"]["optimizer_bytes"],
     }
+    if nproc > 1:
+        summary.update({"nproc": nproc, "nproc_full_s": med[f"onelayer*{nproc}/all"],
+                        "nproc_layer_s": med[f"onelayer*{nproc}/middle:1"],
+                        "nproc_full_vs_one": med[f"onelayer*{nproc}/all"] / med["onelayer/all"],
+                        "nproc_layer_vs_one": med[f"onelayer*{nproc}/middle:1"] / med["onelayer/middle:1"],
+                        "nproc_full_phases_s": phases[f"onelayer*{nproc}/all"],
+                        "nproc_layer_phases_s": phases[f"onelayer*{nproc}/middle:1"]})
     if with_trl:
         summary.update({
             "trl_full_s": med["trl/all"], "trl_layer_s": med["trl/middle:1"],
@@ -176,7 +187,7 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
 
 
 def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads: int | None = None,
-              device: str = "cpu", with_trl: bool = True, rounds: int = 2, log=print) -> dict:
+              device: str = "cpu", with_trl: bool = True, rounds: int = 2, nproc: int = 1, log=print) -> dict:
     """The whole benchmark. Top-level keys of the result: the first model's ratios (`full_vs_trl`,
     `layer_vs_trl`, `layer_update_vs_full_update`, `full_vs_floor`, …), `cpu`, `settings` (run-wide) and
     `models` (per model, each with its own `settings`: prompts, G, new tokens, learning rate, prompts' kind)."""
@@ -194,7 +205,7 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
     for m in models:
         log(f"benchmarking {m}")
         per_model[m] = bench_model(m, steps=steps, warmup=warmup, threads=threads, device=device, with_trl=with_trl,
-                                   rounds=rounds, log=log)
+                                   rounds=rounds, nproc=nproc, log=log)
     return {**per_model[models[0]]["summary"], "cpu": cpu_model(), "settings": settings, "models": per_model}
 
 
@@ -229,6 +240,13 @@ def format_report(result: dict) -> str:
                 lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  {gen}"
                              f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  "
                              f"optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
+        if "nproc" in s:
+            for layers, key in (("all", "full"), ("middle:1", "layer")):
+                ph = s[f"nproc_{key}_phases_s"]
+                lines.append(
+                    f"  onelayer {layers:9s} on {s['nproc']} processes: step {s[f'nproc_{key}_s'] * 1e3:7.1f} ms  "
+                    f"(rollout {ph['rollout'] * 1e3:.1f}, logprob {ph['logprob'] * 1e3:.1f}, update {ph['update'] * 1e3:.1f}); "
+                    f"{s[f'nproc_{key}_vs_one']:.2f} x one process's")
         ratios = ["full_vs_trl", "layer_vs_trl", "layer_update_vs_full_update", "full_vs_floor", "floor_vs_trl",
                   "layer_peak_memory_vs_full"]
         lines.append("  " + "  ".join(f"{k} {s[k]:.2f}" for k in ratios if k in s))

@@ -10,13 +10,19 @@ between-step logging out of its time. Peak memory is the worker's peak resident 
 process-wide, so it includes the interpreter and libraries, the same for every run) or
 `torch.cuda.max_memory_allocated` on GPU; optimizer-state bytes are summed over the optimizer's state
 tensors.
+
+A run over N processes (`onelayer bench --nproc N`) starts its worker with torchrun: every rank trains its
+share of the same global batch (`onelayer.train.distributed`), rank 0 writes the result; its step time
+is the slowest rank's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +41,21 @@ def _peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+@contextlib.contextmanager
+def _run_dir():
+    """A temporary run directory, the same one for every process of a torchrun job (named by torchrun's run id)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        with tempfile.TemporaryDirectory() as out:
+            yield out
+        return
+    out = Path(tempfile.gettempdir()) / f"onelayer-bench-{os.environ['TORCHELASTIC_RUN_ID']}"
+    try:
+        yield str(out)
+    finally:
+        if os.environ.get("RANK", "0") == "0":  # the others are done: the job's last step is a barrier
+            shutil.rmtree(out, ignore_errors=True)
+
+
 def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     from onelayer.config import TrainConfig
     from onelayer.io import read_jsonl
@@ -50,9 +71,11 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         max_steps=spec.warmup + spec.steps, save_every=10**9, save_model=False, progress=False,
         threads=spec.threads, seed=spec.seed, device=device,
     )
-    with tempfile.TemporaryDirectory() as out:
+    with _run_dir() as out:
         record = run(cfg, out, log=lambda *_: None)
         rows = read_jsonl(Path(out) / "metrics.jsonl")[spec.warmup:]
+    if os.environ.get("RANK", "0") != "0":
+        return {}  # rank 0 reports the job's metrics
     phases = ("rollout_s", "reward_s", "logprob_s", "update_s")
     return {
         "step_s": [r["seconds"] for r in rows],
@@ -137,11 +160,14 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     }
 
 
-def run_worker(tool: str, spec: BenchSpec, model_dir: str, device: str) -> dict:
-    """One (tool, model, layers) run in a fresh interpreter; returns its measurements."""
+def run_worker(tool: str, spec: BenchSpec, model_dir: str, device: str, nproc: int = 1) -> dict:
+    """One (tool, model, layers) run in a fresh interpreter (`nproc` > 1: that many, onelayer only); returns its
+    measurements."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
-    cmd = [sys.executable, "-m", "onelayer.bench", tool, json.dumps(asdict(spec)), model_dir, device, result_path]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "onelayer.bench", tool, json.dumps(asdict(spec)), model_dir, device,
+           result_path]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
@@ -164,5 +190,6 @@ def worker_main(argv: list[str]) -> int:
     except BenchError as e:
         print(str(e), file=sys.stderr)
         return 2
-    Path(result_path).write_text(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":
+        Path(result_path).write_text(json.dumps(result))
     return 0

@@ -246,9 +246,10 @@ def fingerprint_frozen(model: nn.Module) -> dict[str, str]:
     return fingerprint
 
 
-def frozen_unchanged(model: nn.Module, fingerprint: dict[str, str]) -> tuple[bool, list[str]]:
-    """(all bit-identical?, names that changed or disappeared) against a fingerprint_frozen result."""
-    tensors = _named_tensors(model)
+def frozen_unchanged(model: nn.Module, fingerprint: dict[str, str], tensors: dict | None = None) -> tuple[bool, list[str]]:
+    """(all bit-identical?, names that changed or disappeared) against a fingerprint_frozen result. `tensors`:
+    the parameters at full size when the model's own are shards (FSDP: a gathered state dict)."""
+    tensors = _named_tensors(model) if tensors is None else {**dict(model.named_buffers()), **tensors}
     changed = [
         name for name, digest in fingerprint.items()
         if name not in tensors or tensor_digest(tensors[name]) != digest

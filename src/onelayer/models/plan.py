@@ -30,6 +30,16 @@ trainable weight (4: fp32), f = bytes per frozen weight and w = bytes at the com
     kv_cache_bytes   = 2 · L · B · T · n_kv · d_head · w    (rollout; reported, not in the total)
 
 So weights + gradients + optimizer are 16 bytes per trainable parameter and f per frozen one.
+
+Per rank of a job over N processes (``nproc``, ``parallel``; `onelayer.train.distributed`), with the
+micro-batch per rank: DDP replicates everything (each term as above). FSDP shards every weight, frozen
+ones too, and the gradients, AdamW moments and reference 1/N; a forward or backward also holds the
+gathered weights of the root unit (embeddings, final norm, head) and two blocks (the one running and
+the one prefetched) at the compute dtype; the rollout and the eval gather every weight::
+
+    fsdp param/grad/optimizer/reference = the term / N
+    gathered_bytes = (P_root + 2 · P_block) · w          (in the per-rank total)
+    rollout_param_bytes = P · w                           (rollout, eval; not in the total)
 ``adam_states="weights"`` plans the other common layout for comparison: AdamW run directly on weights
 stored at the compute dtype (t = w, no fp32 anywhere), which loses small updates and is not what
 ``onelayer train`` does.
@@ -196,6 +206,20 @@ def lowest_trainable_block(model: nn.Module, block_path: str | None = None) -> i
     return len(blocks) if any(p.requires_grad for p in model.parameters()) else None
 
 
+def training_state_bytes(model: nn.Module, beta: float = 0.0) -> int:
+    """The planner's weights + gradients + AdamW moments (+ the KL reference) of a model whose layers are selected,
+    from its tensors as stored: every weight, and per trainable one a gradient, two moments and (beta > 0) a
+    reference copy at its dtype. Activations are not included."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        size = p.numel() * p.element_size()
+        total += size * (2 + ADAM_MOMENTS + (beta > 0)) if p.requires_grad else size
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 
@@ -206,6 +230,25 @@ def _normalize_dtype(dtype: str) -> str:
     if key not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
     return key
+
+
+def _per_rank(model: nn.Module, entry: dict, *, nproc: int, parallel: str, w: int, block_path: str | None) -> dict:
+    """One rank's share of `entry` in a job of `nproc` processes (see the module docstring)."""
+    if parallel == "ddp":
+        out = {k: entry[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "reference_bytes", "activation_bytes")}
+        out["gathered_bytes"] = 0
+        out["rollout_param_bytes"] = entry["param_bytes"]
+    else:
+        _, blocks = find_blocks(model, block_path)
+        block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+        root = entry["total_params"] - sum(p.numel() for b in blocks for p in b.parameters())
+        out = {k: -(-entry[k] // nproc) for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "reference_bytes")}
+        out["activation_bytes"] = entry["activation_bytes"]
+        out["gathered_bytes"] = (root + 2 * block) * w
+        out["rollout_param_bytes"] = entry["total_params"] * w
+    out["total_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "reference_bytes",
+                                              "activation_bytes", "gathered_bytes"))
+    return out
 
 
 def _entry(model: nn.Module, selection, *, spec: str, shape: dict[str, int], w: int, t: int, f: int,
@@ -261,6 +304,8 @@ def plan_memory(
     train_lm_head: bool = False,
     block_path: str | None = None,
     adam_states: str = "float32",
+    nproc: int = 1,
+    parallel: str = "ddp",
 ) -> dict:
     """Memory of full-parameter training ("full") and of training `layers` ("selected"), in bytes.
 
@@ -274,11 +319,15 @@ def plan_memory(
     `batch_size` is the micro-batch: sequences per forward/backward pass, each `seq_len` tokens
     (prompt + completion). Raises ModelError for an unknown config and LayerSpecError (the trainer's
     message) for a spec that does not fit the model.
+
+    `nproc` > 1 adds each entry's ``per_rank`` memory under `parallel` (ddp or fsdp), `batch_size` per rank.
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be positive (got {batch_size}, {seq_len})")
     if beta < 0:
         raise ValueError(f"beta must be >= 0 (got {beta})")
+    if nproc < 1 or parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"nproc must be positive and parallel ddp or fsdp (got {nproc}, {parallel!r})")
     adam_states = DTYPE_ALIASES.get(adam_states, adam_states)
     dtype, trainable_dtype, frozen_dtype = _layout(dtype, frozen_dtype, adam_states)
     w, t, f = DTYPE_BYTES[dtype], DTYPE_BYTES[trainable_dtype], DTYPE_BYTES[frozen_dtype]
@@ -293,6 +342,9 @@ def plan_memory(
     sel = select_layers(model, layers, block_path=block_path, train_embeddings=train_embeddings,
                         train_lm_head=train_lm_head, train_non_block=layers.strip().lower() == "all")
     selected = _entry(model, sel, spec=layers, **common)
+    if nproc > 1:
+        for entry in (full, selected):
+            entry["per_rank"] = _per_rank(model, entry, nproc=nproc, parallel=parallel, w=w, block_path=block_path)
 
     a_block = activation_elements_per_token_per_block(shape)
     if adam_states == TRAINABLE_DTYPE:
@@ -317,6 +369,8 @@ def plan_memory(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "beta": beta,
+        "nproc": nproc,
+        "parallel": parallel,
         "full": full,
         "selected": selected,
         "total_ratio": selected["total_bytes"] / full["total_bytes"] if full["total_bytes"] else None,
@@ -389,4 +443,11 @@ def format_plan(plan: dict) -> str:
         lines.append(f"{label + ' GiB':<22}{full[key] / GIB:>14.2f}{sel[key] / GIB:>14.2f}")
     if plan["total_ratio"] is not None:
         lines.append(f"selected / full total: {plan['total_ratio']:.1%}")
+    if "per_rank" in full:
+        lines += ["", f"per rank of {plan['nproc']} processes, {plan['parallel']} (micro-batch {plan['batch_size']} per rank)"]
+        rows = (("parameters", "param_bytes"), ("gradients", "grad_bytes"), ("optimizer", "optimizer_bytes"),
+                ("activations", "activation_bytes"), ("reference (beta>0)", "reference_bytes"),
+                ("gathered units", "gathered_bytes"), ("total", "total_bytes"), ("rollout weights", "rollout_param_bytes"))
+        for label, key in rows:
+            lines.append(f"{label + ' GiB':<22}{full['per_rank'][key] / GIB:>14.2f}{sel['per_rank'][key] / GIB:>14.2f}")
     return "\n".join(lines)

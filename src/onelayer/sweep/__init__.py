@@ -32,7 +32,7 @@ def prepare(jobs: list[Job], log=print) -> None:
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", workers: int = 1,
               retry_failed: bool = False, log=print, progress: bool = True, address: str | None = None,
-              num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2) -> list[dict]:
+              num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2, procs_per_job: int = 1) -> list[dict]:
     out = Path(out)
     jobs = plan(spec)
     atomic_write_json(out / "plan.json", {"spec": spec.__dict__, "jobs": [{"id": j.id, "condition": j.condition,
@@ -40,7 +40,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
                                           for j in jobs]})
     start = time.monotonic()
     run = dict(executor=executor, workers=workers, retry_failed=retry_failed, log=log, progress=progress,
-               address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
+               address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, procs_per_job=procs_per_job)
     _run_jobs(jobs, out, **run)
     if spec.extreme_seeds:  # second pass: full and the best and worst layer with more seeds
         from onelayer.analysis.summary import summarize
@@ -102,7 +102,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _run_jobs(jobs: list[Job], out: Path, *, executor, workers, retry_failed, log, progress, address, num_cpus,
-              num_gpus, max_retries, jobs_so_far: list[Job] | None = None) -> None:
+              num_gpus, max_retries, procs_per_job: int = 1, jobs_so_far: list[Job] | None = None) -> None:
     """Run the jobs of `jobs` that are not done on the executor, keeping results.csv current."""
     from tqdm.auto import tqdm
 
@@ -134,7 +134,7 @@ def _run_jobs(jobs: list[Job], out: Path, *, executor, workers, retry_failed, lo
     elif executor == "ray":
         from onelayer.sweep.ray_executor import run_ray
 
-        run_ray(todo, str(out), on_done, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
+        run_ray(todo, str(out), on_done, address=address, num_cpus=num_cpus, num_gpus=num_gpus, procs=procs_per_job,
                 max_retries=max_retries, log=log)
     bar.close()
 

@@ -19,21 +19,37 @@ from onelayer.io import atomic_write_json, atomic_write_text
 from onelayer.sweep.store import job_dir
 
 
-def execute_job(job, out: str, threads: int | None = None, show_steps: bool = False) -> tuple[str, str]:
-    """Run one job; returns (job id, final status). Never raises for a failing job."""
+def execute_job(job, out: str, threads: int | None = None, show_steps: bool = False, nproc: int = 1) -> tuple[str, str]:
+    """Run one job (`nproc` > 1: over that many processes, started with torchrun); returns (job id, final
+    status). Never raises for a failing job."""
     from onelayer.train import run
 
     path = job_dir(Path(out), job.id)
     path.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(job.config, progress=show_steps, threads=job.config.threads or threads)
     try:
-        run(cfg, path, log=lambda msg: None)
+        if nproc > 1:
+            _run_processes(dataclasses.replace(cfg, nproc=nproc), path)
+        else:
+            run(cfg, path, log=lambda msg: None)
         (path / "error.txt").unlink(missing_ok=True)
         return job.id, "done"
     except Exception as exc:  # recorded per job: one bad job must not sink the sweep
         atomic_write_text(path / "error.txt", traceback.format_exc() + f"\n{type(exc).__name__}: {exc}\n")
         atomic_write_json(path / "status.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return job.id, "failed"
+
+
+def _run_processes(cfg, path: Path) -> None:
+    """`onelayer train --config JOB.yaml --nproc N` into the job's directory (the job's config, as YAML)."""
+    import yaml
+
+    from onelayer.train.distributed import launch
+
+    atomic_write_text(path / "job.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    code = launch(["train", "--config", str(path / "job.yaml"), "--out", str(path)], cfg.nproc)
+    if code != 0:
+        raise RuntimeError(f"the job's {cfg.nproc} processes (torchrun) exited with status {code}")
 
 
 def run_local(jobs, out: str, on_done) -> None:

@@ -30,10 +30,10 @@ def _import_ray():
     return ray
 
 
-def _ray_execute_job(job, out: str, threads: int) -> tuple[str, str]:
+def _ray_execute_job(job, out: str, threads: int, procs: int = 1) -> tuple[str, str]:
     from onelayer.sweep.executors import execute_job
 
-    return execute_job(job, out, threads=threads)
+    return execute_job(job, out, threads=threads, nproc=procs)
 
 
 def _record_attempt(out: str, job_id: str, attempt: int, status: str, error: str | None = None) -> None:
@@ -59,11 +59,12 @@ def _record_ray_failure(out: str, job_id: str, exc: BaseException) -> None:
 
 
 def run_ray(jobs, out: str, on_done, *, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
-            max_retries: int = 2, log=print) -> None:
+            max_retries: int = 2, procs: int = 1, log=print) -> None:
     """Run `jobs` as Ray tasks; `on_done(job_id, status)` is called once per job as it finishes for good.
 
     address: None starts (or reuses) a local Ray; "auto" or "HOST:PORT" joins a running cluster.
     num_cpus / num_gpus: resources each task declares; a job uses int(num_cpus) torch threads.
+    procs: processes per job (torchrun inside the task, `train.distributed`), sharing the task's CPUs and GPUs.
     max_retries: how often a crashed worker is retried by Ray, and how often a failed job is resubmitted.
     """
     ray = _import_ray()
@@ -82,14 +83,14 @@ def run_ray(jobs, out: str, on_done, *, address: str | None = None, num_cpus: fl
         if have.get("CPU", 0) < num_cpus or have.get("GPU", 0) < num_gpus:
             log(f"ray: each job asks for {num_cpus} CPU / {num_gpus} GPU but the cluster has "
                 f"{have.get('CPU', 0)} CPU / {have.get('GPU', 0)} GPU now; jobs wait until such a node joins")
-        threads = max(1, int(num_cpus))
+        threads = max(1, int(num_cpus) // procs)  # per process of a job
         task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_ray_execute_job)
         pending: dict = {}
         attempt_of: dict[str, int] = {}
 
         def submit(job) -> None:
             attempt_of[job.id] = attempt_of.get(job.id, 0) + 1
-            pending[task.remote(job, out, threads)] = job
+            pending[task.remote(job, out, threads, procs)] = job
 
         for job in jobs:
             submit(job)

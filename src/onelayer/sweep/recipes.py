@@ -150,7 +150,7 @@ def run_recipe_jobs(recipes_: list[Recipe], seeds: list, condition: str, train: 
     reuse_finished(jobs, sources, out, log)
     _run_jobs(jobs, out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed, log=log,
               progress=True, address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
-              max_retries=run.max_retries)
+              max_retries=run.max_retries, procs_per_job=run.procs_per_job)
     write_results(out, jobs)
     return recipes_table(out, recipes_, names)
 

@@ -3,10 +3,15 @@
 Frozen tensors never change, so they are not saved: a resumed run reloads the same base model and
 overwrites the trainable tensors. Each checkpoint is written to a temporary directory and renamed into
 place, so a run killed mid-save keeps its previous checkpoint intact.
+
+One process writes safetensors and `optimizer.pt`. Several processes (`train.distributed`) write one
+sharded checkpoint with `torch.distributed.checkpoint` (each rank its shards, addressed by parameter
+name), which any number of processes, one included, can load: a killed job resumes on another count.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +33,11 @@ def load_trainable(path: Path, model) -> None:
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict) -> None:
+def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict, parallel=None) -> None:
+    """Trainable tensors, optimizer state and `state` (step, config hash); sharded when `parallel` is active
+    (every rank calls it)."""
+    if parallel is not None and parallel.active:
+        return save_sharded(ckpt_dir, model, optimizer, state, parallel)
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_trainable(tmp / "trainable.safetensors", model)
@@ -37,10 +46,66 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict) -> None:
     replace_dir(tmp, ckpt_dir)
 
 
-def load_checkpoint(ckpt_dir: Path, model, optimizer) -> dict | None:
-    """Restore trainable tensors and optimizer state; returns the saved state dict, or None."""
+def load_checkpoint(ckpt_dir: Path, model, optimizer, parallel=None) -> dict | None:
+    """Restore trainable tensors and optimizer state; returns the saved state dict, or None. Reads either
+    format on any number of processes (every rank calls it)."""
     if not (ckpt_dir / "state.json").is_file():
         return None
-    load_trainable(ckpt_dir / "trainable.safetensors", model)
-    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+    if (ckpt_dir / ".metadata").is_file():
+        load_sharded(ckpt_dir, model, optimizer)
+    elif parallel is not None and parallel.active:
+        _load_whole_into_sharded(ckpt_dir, model, optimizer)
+    else:
+        load_trainable(ckpt_dir / "trainable.safetensors", model)
+        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
     return read_json(ckpt_dir / "state.json")
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def save_sharded(ckpt_dir: Path, model, optimizer, state: dict, parallel) -> None:
+    """The trainable tensors and AdamW state through `torch.distributed.checkpoint` (each rank writes its shards;
+    rank 0 the metadata, `state.json` and the rename into place)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if parallel.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parallel.barrier()
+    msd, osd = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+    if parallel.main:  # dcp.save returns on rank 0 once every rank's shards are written
+        atomic_write_json(tmp / "state.json", {**state, "world_size": parallel.world})
+        replace_dir(tmp, ckpt_dir)
+    parallel.barrier()
+
+
+def load_sharded(ckpt_dir: Path, model, optimizer) -> None:
+    """A `save_sharded` checkpoint into `model` and `optimizer`, however they are sharded now (or not at all)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_options())
+    sd = {"model": msd, "optimizer": osd}
+    dcp.load(sd, checkpoint_id=str(ckpt_dir))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                   options=_options(strict=False))  # the frozen tensors are the base model's, not in the checkpoint
+
+
+def _load_whole_into_sharded(ckpt_dir: Path, model, optimizer) -> None:
+    """A one-process checkpoint (safetensors, optimizer.pt keyed by position) into a DDP or FSDP job: the optimizer
+    state re-keyed by parameter name, then both set from full tensors on every rank."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+    osd = {"state": {order[int(i)]: st for i, st in saved["state"].items()},
+           "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=load_file(ckpt_dir / "trainable.safetensors"), optim_state_dict=osd,
+                   options=_options(full_state_dict=True, strict=False))

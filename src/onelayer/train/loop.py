@@ -7,12 +7,14 @@
     record = finish(state)             # keep the best check, eval, eval.json, model/
 
 Algorithm math lives in `onelayer.algos`, experience collection in `onelayer.train.experience`, the
-update in `onelayer.train.update`, the run directory's files in `onelayer.rundir`.
+update in `onelayer.train.update`, the run directory's files in `onelayer.rundir`. A job over several
+processes runs this same loop in each; `onelayer.train.distributed` (`RunState.dp`) holds what differs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,11 +39,15 @@ from onelayer.models.layers import (
 from onelayer.models.prefix import reuse_block
 from onelayer.policy import forward_path, kernels, sequence_block_input, sequence_logprobs
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
+from onelayer.tasks.agent import is_agent
 from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.train.collapse import CollapseRule, check_collapse
 from onelayer.train.collapse import describe as describe_collapse
-from onelayer.train.evaluate import task_results, task_scores
+from onelayer.train.distributed import Parallel
+from onelayer.train.distributed import check as check_parallel
+from onelayer.train.distributed import init as init_parallel
+from onelayer.train.evaluate import task_results
 from onelayer.train.experience import advantages as step_advantages
 from onelayer.train.experience import collect
 from onelayer.train.precision import Precision
@@ -95,6 +101,7 @@ class RunState:
     rule: CollapseRule
     collapse: dict | None
     elapsed: float
+    dp: Parallel = field(default_factory=Parallel)  # this process's place in the job (one process: Parallel())
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -110,14 +117,16 @@ def run(cfg: TrainConfig, out: str | Path, log=print) -> dict:
         log(f"{out} is already done; not training again (remove it to rerun)")
         return read_json(out / "eval.json")
     state = setup(cfg, out, log)
-    with _progress(state.cfg, state.steps) as bar:
+    with _progress(state.cfg, state.steps, show=state.dp.main) as bar:
         for step in bar:
             metrics = rl_step(state, step)
             after_step(state, step, metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}",
                             **({"check": f"{state.keeper.checks[-1]['score']:.1%}"}
                                if state.keeper and state.keeper.checks else {}))
-    return finish(state)
+    record = finish(state)
+    state.dp.close()
+    return record
 
 
 def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
@@ -125,9 +134,12 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     started = time.perf_counter()
     rundir.check_resumable(cfg, out)
     setup_torch(cfg)
-    device = resolve_device(cfg.device)
+    dp, device = init_parallel(cfg, resolve_device(cfg.device))  # one process, or this rank of a torchrun job
+    log = log if dp.main else _quiet
     task = tasks.make(cfg.task, **cfg.task_opts)
     user_cfg, cfg = cfg, with_task_defaults(cfg, task)  # unset settings take the task's suggestions
+    check_parallel(cfg, dp.world, device)
+    cfg = dataclasses.replace(cfg, nproc=dp.world)  # as run (torchrun's count); resume-free, not in the hash
     algo = resolve_algo(cfg)
     check_backend(cfg)
     model, tok, source = load_model(cfg, task, cfg.max_completion_length, device, log)
@@ -150,6 +162,8 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
     # are computed once per batch (captured during the rollout) and every later forward starts at block l
     reuse_at = reuse_block(model, cfg.block_path) if cfg.prefix_reuse else None
+    if dp.active:  # DDP or FSDP around the policy: its layers are selected, no training forward has run yet
+        forward, reuse_at = dp.parallelize(model, cfg, precision, forward, reuse_at, beta=algo["beta"], log=log)
     if reuse_at is not None:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
     sampler = rollout_sampler(cfg, model, tok, source, out)
@@ -159,20 +173,23 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     optimizer = torch.optim.AdamW(param_groups(model, selection, block_mult), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay) if params else None
     block_lr = {i: cfg.learning_rate * m for i, m in block_mult.items()}
-    atomic_write_json(out / "config.json", {
+    if dp.main:
+        atomic_write_json(out / "config.json", {
         **cfg.to_dict(), "scale_rewards": algo["scale"], "loss_type": algo["loss_agg"], "beta": algo["beta"],
         "advantage": algo["advantage"], "model_source": str(source), "layer_indices": selection.indices,
         "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
         "total_params": selection.total_params, "task_options": task.options,
         "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward,
-        "block_lr": block_lr})
-    rundir.set_status(out, "running")
+        "block_lr": block_lr, **({"parallel": dp.describe()} if dp.active else {})})
+        rundir.set_status(out, "running")
 
     start_step = 0
-    if optimizer is not None and (saved := load_checkpoint(out / "checkpoint", model, optimizer)):
+    if optimizer is not None and (saved := load_checkpoint(out / "checkpoint", model, optimizer, parallel=dp)):
         start_step = saved["step"]
         log(f"resuming from the checkpoint at step {start_step}")
-    write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
+    if dp.main:
+        write_jsonl(out / "metrics.jsonl", [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] <= start_step])
+    dp.barrier()  # every rank reads the truncated metrics
     train_items, eval_items = task.items("train"), task.items("eval")
     # early stopping: a slice of the train split, never sampled for RL, scores the policy every few steps
     keeper, check_items = None, []
@@ -187,11 +204,13 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         ref_weights=ref_weights, reuse_at=reuse_at, sampler=sampler, params=params, optimizer=optimizer,
         train_items=train_items, eval_items=eval_items, check_items=check_items, keeper=keeper,
         writer=None, start_step=start_step, base_scores=[], base_answers=None, history=history, rule=rule,
-        collapse=check_collapse(history, rule), elapsed=sum(m.get("seconds", 0.0) for m in history), started=started)
+        collapse=check_collapse(history, rule), elapsed=sum(m.get("seconds", 0.0) for m in history), dp=dp,
+        started=started)
     state.base_scores, state.base_answers = rundir.cached_scores(out / "base_eval.json",
-                                                                 lambda: evaluate_answers(state, eval_items))
+                                                                 lambda: evaluate_answers(state, eval_items),
+                                                                 write=dp.main)
     log(f"base score {_mean(state.base_scores):.1%} on {len(eval_items)} eval items")
-    state.writer = _tensorboard(out) if cfg.tensorboard else None
+    state.writer = _tensorboard(out) if cfg.tensorboard and dp.main else None
     check(state, start_step)  # the base (step 0), or a check a killed run had not recorded yet
     return state
 
@@ -203,20 +222,22 @@ def rl_step(s: RunState, step: int) -> dict:
     for group in s.optimizer.param_groups:
         group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps) * group["lr_mult"]
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    items = rng.sample(s.train_items, min(cfg.prompts_per_step, len(s.train_items)))
+    gen = torch.Generator().manual_seed(s.dp.rollout_seed(cfg.seed * 1_000_003 + step))  # rank 0: the 1-process one
+    # every rank draws the step's prompts alike and rolls out its share (whole groups)
+    items = s.dp.shard(rng.sample(s.train_items, min(cfg.prompts_per_step, len(s.train_items))))
 
     # rollout + reward: G completions per prompt (G episodes per seed for agent tasks), with the behaviour
     # log-probs for the ratio, then advantages
     s.sampler.sync_weights(s.model)  # a sampler with its own weights (vLLM) takes the updated ones
-    with s.precision.autocast():
+    with s.precision.autocast(), s.dp.full_weights(s.model):
         exp = collect(s.model.eval(), s.tok, s.task, items, num_generations=cfg.num_generations,
                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                       generator=gen, sample_fn=s.sampler, block_path=cfg.block_path,
                       capture_block=s.reuse_at if s.sampler.captures_hidden_states else None)
     batch = exp.batch
-    advantages = step_advantages(exp, get_preset(cfg.algo), s.algo["scale"], cfg.balance_episodes,
-                                 estimator=s.algo["advantage"]).to(s.device)
+    # over the whole step's rows (every rank's), this rank's rows of them
+    advantages = s.dp.advantages(exp, lambda e: step_advantages(e, get_preset(cfg.algo), s.algo["scale"],
+                                 cfg.balance_episodes, estimator=s.algo["advantage"])).to(s.device)
     t2 = time.perf_counter()
 
     # log-probs: the frozen prefix's output (unless the rollout captured it), then the reference's
@@ -240,18 +261,21 @@ def rl_step(s: RunState, step: int) -> dict:
 
     s.model.train()
     try:
-        stats = update(cfg, s.optimizer, s.params, batch, advantages, logprobs, ref_logp, loss_agg=s.algo["loss_agg"],
-                       beta=s.algo["beta"], norm_len=cfg.max_completion_length, generator=gen)
+        stats = update(cfg, s.optimizer, s.params, batch, advantages, s.dp.forward(logprobs), ref_logp,
+                       loss_agg=s.algo["loss_agg"], beta=s.algo["beta"], norm_len=cfg.max_completion_length, generator=gen,
+                       parallel=s.dp)
     except TrainingError as exc:
-        rundir.set_status(s.out, "failed", error=f"{exc} at step {step}")
+        if s.dp.main:
+            rundir.set_status(s.out, "failed", error=f"{exc} at step {step}")
         raise TrainingError(f"{exc} at step {step}; the last checkpoint (every {cfg.save_every} steps) and "
                             f"metrics.jsonl are kept in {s.out}. Try a lower learning_rate or check the reward "
                             "function for NaN/inf.") from None
     t4 = time.perf_counter()
     s.elapsed += t4 - t0
-    return {"step": step + 1, **exp.metrics, **stats, "completion_len": batch.completion_lengths.float().mean().item(),
-            "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": s.elapsed,
-            "optimizer_bytes": optimizer_state_bytes(s.optimizer)}
+    return s.dp.metrics({
+        "step": step + 1, **exp.metrics, **stats, "completion_len": batch.completion_lengths.float().mean().item(),
+        "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": s.elapsed,
+        "optimizer_bytes": optimizer_state_bytes(s.optimizer)})  # several processes: the whole job's
 
 
 def after_step(s: RunState, step: int, metrics: dict) -> None:
@@ -259,7 +283,8 @@ def after_step(s: RunState, step: int, metrics: dict) -> None:
     cfg, done = s.cfg, step + 1
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
         metrics["eval_score"] = _mean(evaluate(s, s.eval_items))
-    append_jsonl(s.out / "metrics.jsonl", metrics)
+    if s.dp.main:
+        append_jsonl(s.out / "metrics.jsonl", metrics)
     s.history.append(metrics)
     if s.collapse is None and (collapse := check_collapse(s.history, s.rule)) is not None:
         s.collapse = collapse
@@ -271,7 +296,7 @@ def after_step(s: RunState, step: int, metrics: dict) -> None:
     if done % cfg.save_every == 0 or done == cfg.max_steps or checked:
         # saved before the check, so a resumed run has the weights of every check it recorded
         save_checkpoint(s.out / "checkpoint", s.model, s.optimizer,
-                        {"step": done, "config_hash": rundir.config_hash(s.user_cfg)})
+                        {"step": done, "config_hash": rundir.config_hash(s.user_cfg)}, parallel=s.dp)
     if checked:
         check(s, done)
 
@@ -287,23 +312,27 @@ def finish(s: RunState) -> dict:
               f"vs {last:.1%} at step {selected} ({len(s.check_items)} held-out train items; the eval split is not used)")
         selected = s.keeper.best["step"]
     scores, answers = evaluate_answers(s, s.eval_items)
-    record = _record(s, scores, selected, answers)
+    full = s.dp.full_state_dict(s.model)  # FSDP: every tensor gathered on rank 0 (the frozen check, model/)
+    record = _record(s, scores, selected, answers, full) if s.dp.main else None
     if s.writer is not None:
         s.writer.add_scalar("eval/score", record["score"], cfg.max_steps)
         s.writer.close()
     if cfg.save_model:
         tmp = s.out / ".model.tmp"
-        s.model.save_pretrained(tmp)
-        s.tok.save_pretrained(tmp)
-        atomic_write_json(tmp / TRAINED_FORMAT_FILE, {"prompt_format": cfg.prompt_format})  # eval's default
-        replace_dir(tmp, s.out / "model")
+        s.dp.save_pretrained(s.model, tmp, full)  # rank 0 writes
+        if s.dp.main:
+            s.tok.save_pretrained(tmp)
+            atomic_write_json(tmp / TRAINED_FORMAT_FILE, {"prompt_format": cfg.prompt_format})  # eval's default
+            replace_dir(tmp, s.out / "model")
+    if not s.dp.main:
+        return s.dp.broadcast(record)
     atomic_write_json(s.out / "eval.json", record)
     rundir.set_status(s.out, "done")
     s.log(f"cpu kernels: {kernels.summary()}")
     s.log(f"score {record['score']:.1%} (base {record['base_score']:.1%}), gain {record['gain']:+.1%} "
           f"95% CI [{record['gain_ci95'][0]:+.1%}, {record['gain_ci95'][1]:+.1%}]; "
           f"frozen tensors unchanged: {record['frozen_unchanged']}")
-    return record
+    return s.dp.broadcast(record)
 
 
 def resolve_algo(cfg: TrainConfig) -> dict:
@@ -315,14 +344,20 @@ def resolve_algo(cfg: TrainConfig) -> dict:
 
 def evaluate(s: RunState, items: list[dict]) -> list[float]:
     """Per-item scores of the current policy on `items` (eval split or the train-split check)."""
-    with s.precision.autocast():
-        return task_scores(s.model.eval(), s.tok, s.task, items, max_new_tokens=s.cfg.max_completion_length)
+    return evaluate_answers(s, items)[0]
 
 
 def evaluate_answers(s: RunState, items: list[dict]) -> tuple[list[float], list[str] | None]:
-    """`evaluate` and each item's answer (`Task.answer`; None for agent tasks)."""
-    with s.precision.autocast():
-        return task_results(s.model.eval(), s.tok, s.task, items, max_new_tokens=s.cfg.max_completion_length)
+    """Per-item scores and answers (`Task.answer`; None for agent tasks) of the current policy on `items`;
+    several processes share greedy single-turn items (agent episodes run on rank 0)."""
+    def results(part: list[dict]) -> list[tuple]:
+        scores, answers = task_results(s.model.eval(), s.tok, s.task, part, max_new_tokens=s.cfg.max_completion_length)
+        return list(zip(scores, answers if answers is not None else [None] * len(scores)))
+
+    with s.precision.autocast(), s.dp.full_weights(s.model):
+        pairs = s.dp.scores(results, items, shardable=not is_agent(s.task))
+    answers = [a for _, a in pairs]
+    return [sc for sc, _ in pairs], (None if is_agent(s.task) else answers)
 
 
 def check(s: RunState, step: int) -> float | None:
@@ -336,14 +371,16 @@ def check(s: RunState, step: int) -> float | None:
     return score
 
 
-def _record(s: RunState, scores: list[float], selected: int, answers: list[str] | None = None) -> dict:
+def _record(s: RunState, scores: list[float], selected: int, answers: list[str] | None = None,
+            full: dict | None = None) -> dict:
     cfg, sel, base = s.cfg, s.selection, s.base_scores
-    unchanged, changed = frozen_unchanged(s.model, s.fingerprint)
+    unchanged, changed = frozen_unchanged(s.model, s.fingerprint, tensors=full)
     return {
         "score": _mean(scores), "ci95": bootstrap_ci(scores), "n": len(scores),
         "task": cfg.task, "task_options": s.task.options, "model": cfg.model, "algo": cfg.algo, "seed": cfg.seed,
         "layers": cfg.layers, "layer_indices": sel.indices, "num_layers": sel.num_layers,
         "prompt_format": cfg.prompt_format, "precision": s.precision.describe(), "forward": s.forward,
+        **({"parallel": s.dp.describe()} if s.dp.active else {}),
         "trainable_params": sel.trainable_params, "total_params": sel.total_params,
         "learning_rate": cfg.learning_rate, "block_lr": s.block_lr,
         "base_score": _mean(base), "base_ci95": bootstrap_ci(base),
@@ -366,11 +403,15 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if len(xs) else float("nan")
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the job."""
+
+
 @contextlib.contextmanager
-def _progress(cfg: TrainConfig, steps):
+def _progress(cfg: TrainConfig, steps, show: bool = True):
     from tqdm.auto import tqdm
 
-    bar = tqdm(steps, desc="rl", unit="step", disable=not cfg.progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(steps, desc="rl", unit="step", disable=not cfg.progress or not show, dynamic_ncols=True, leave=False)
     try:
         yield bar
     finally:
