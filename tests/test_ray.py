@@ -68,6 +68,15 @@ def test_procs_per_job_runs_each_job_over_that_many_processes(local_ray, tmp_pat
     assert done == [("two-procs", "done")]
     record = json.loads((tmp_path / "jobs" / "two-procs" / "eval.json").read_text())
     assert record["parallel"]["world_size"] == 2 and record["steps"] == 2
+    # the same job on 2 processes without Ray (the local executor's runner) scores the same, item by item
+    from onelayer.sweep.executors import execute_job
+
+    assert execute_job(job, str(tmp_path / "local"), threads=1, nproc=2)[1] == "done"
+    local = json.loads((tmp_path / "local" / "jobs" / "two-procs" / "eval.json").read_text())
+    assert local["item_scores"] == record["item_scores"] and local["parallel"]["world_size"] == 2
+    losses = [[json.loads(line)["loss"] for line in (d / "jobs" / "two-procs" / "metrics.jsonl").open()]
+              for d in (tmp_path, tmp_path / "local")]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
 def test_missing_ray_is_a_config_error(monkeypatch):
