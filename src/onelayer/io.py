@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -123,3 +124,8 @@ def build_once(final: Path, marker: str, build) -> Path:
             raise
         replace_dir(tmp, final)
     return final
+
+
+def slug(text: str) -> str:
+    """`text` as a file- and id-safe word: runs of other characters become '-', at most 40 characters."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40]

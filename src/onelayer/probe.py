@@ -342,32 +342,27 @@ def validate_against(results: dict, sweep: Path, num_layers: int) -> dict:
     return out
 
 
-def top_blocks(scores, k: int) -> str:
-    """The k highest-scoring blocks, ascending and comma-joined (ties: the lower block)."""
-    return ",".join(map(str, sorted(np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:k].tolist())))
-
-
 def recipe_scores(spec: ProbeSpec, cfg: TrainConfig, results: dict, validation: dict, out: Path, log=print) -> None:
     """Only-Bk trained on each ranking (every probe's, the sweep's C_l, and position's Mid-k) on the sweep's
     training settings and `spec.recipe_seeds`, against full RL; adds `recipe` (blocks, score, Δ vs full with
     CIs) to each entry of `validation`. Rankings that pick the same blocks share their runs."""
     from onelayer.config import SweepConfig
+    from onelayer.models import model_num_layers
+    from onelayer.models.layer_spec import parse_layer_spec
     from onelayer.sweep.recipes import Recipe, run_recipe_jobs
     from onelayer.sweep.store import sweep_condition
 
     contributions, condition, plan = sweep_condition(spec.against, f"{cfg.model}/{cfg.task}/{cfg.algo}",
                                                      "probe --validate")
-    from onelayer.models import model_num_layers
+    train, L, k = dict(plan["spec"].get("train") or {}), model_num_layers(cfg.model), spec.recipe_k
 
-    train, L = dict(plan["spec"].get("train") or {}), model_num_layers(cfg.model)
-    k = spec.recipe_k
-    if k > L:
-        raise ConfigError(f"probe: --recipe-k {k} is more than the model's {L} layers")
-    from onelayer.models.layer_spec import parse_layer_spec
+    def blocks(layer_spec: str) -> str:  # the spec grammar a user's --layers goes through (k > L is refused)
+        return ",".join(map(str, parse_layer_spec(layer_spec, L)))
 
-    picks = {name: top_blocks(r["scores"], k) for name, r in results.items()}
-    picks["sweep C_l"] = ",".join(map(str, parse_layer_spec(f"top:{k}@{contributions}", L)))
-    picks["position (inverted U)"] = ",".join(map(str, parse_layer_spec(f"middle:{k}", L)))  # Mid-k
+    # each probe's pick is what `--layers top:k@OUT/probe_NAME.csv` trains
+    picks = {name: blocks(f"top:{k}@{out / f'probe_{name}.csv'}") for name in results}
+    picks["sweep C_l"] = blocks(f"top:{k}@{contributions}")
+    picks["position (inverted U)"] = blocks(f"middle:{k}")  # Mid-k
     recipes_ = [Recipe("full", "full", None, "all", {})]
     recipes_ += [Recipe(f"only-{b.replace(',', '.')}", "only", k, b, {}) for b in dict.fromkeys(picks.values())]
     run = SweepConfig(out=str(out / "recipes"), executor="processes" if spec.workers > 1 else "local",

@@ -36,7 +36,7 @@ from onelayer.analysis.plots import (
     plot_recipe_cost,
     plot_recipe_deltas,
 )
-from onelayer.io import atomic_write_bytes
+from onelayer.io import atomic_write_bytes, slug
 
 # ---------------------------------------------------------------- I/O helpers
 
@@ -205,13 +205,9 @@ def _lr_grid_html(grid: list[dict], summary: dict, plots: Path) -> str:
         groups = {f"{cond} @ lr {rate}" if rate != "tuned" else f"{cond} @ tuned rates":
                   [r for r in grid if r["condition"] == cond and r["rate"] == rate and r["layer"] != "full"]
                   for rate in (fixed, "tuned") if rate}
-        b64 = base64.b64encode(plot_contribution(groups, plots / f"lr_grid_{_slug(cond)}.png")).decode("ascii")
+        b64 = base64.b64encode(plot_contribution(groups, plots / f"lr_grid_{slug(cond)}.png")).decode("ascii")
         h.append(f'<img alt="lr grid {html.escape(cond)}" src="data:image/png;base64,{b64}">')
     return "".join(h) + _table(grid)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text)
 
 
 def _corr_html(corr: dict | None, why: str | None) -> str:

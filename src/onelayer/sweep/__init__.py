@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from onelayer import rundir
-from onelayer.io import atomic_write_json
+from onelayer.io import atomic_write_json, read_json
 from onelayer.sweep.plan import Job, SweepSpec, make_spec, plan
 from onelayer.sweep.store import job_dir, write_results
 
@@ -147,9 +147,9 @@ def summary_table(rows: list[dict], out: Path) -> str:
     if (out / "contributions.csv").is_file():
         with open(out / "contributions.csv") as fh:
             contrib = {(r["condition"], r["layer"]): r for r in csv.DictReader(fh)}
-    from onelayer.analysis.summary import fixed_rates
-
-    fixed = fixed_rates(out)
+    summary = read_json(out / "summary.json") if (out / "summary.json").is_file() else {}
+    # the fixed rate of a --lr-grid condition, as the summary found it
+    fixed = {c: v["lr_grid"]["fixed"] for c, v in summary.items() if "fixed" in (v.get("lr_grid") or {})}
     rates = len({r.get("learning_rate") for r in rows if r["layers"] != "none"}) > 1
     lines = [f"{'condition':<28} {'seed':>4} {'layers':<10} {'status':<8} {'score':>6} {'gain [95% CI]':<24} {'C [95% CI]':<22}"]
     if rates:

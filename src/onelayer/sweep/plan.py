@@ -9,11 +9,11 @@ resolved training config, so the same spec always gives the same ids and a rerun
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from onelayer.config import ConfigError, TrainConfig, make_config, setting
+from onelayer.io import slug
 from onelayer.rundir import config_hash
 
 
@@ -91,10 +91,6 @@ def make_spec(values: dict) -> SweepSpec:
     return make_config(values, SweepSpec)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40]
-
-
 def extreme_jobs(spec: SweepSpec, contributions: list[dict]) -> list[Job]:
     """The second pass of `spec.extreme_seeds`: full and the best and worst single layer of each condition
     (by contribution; `contributions` are rows of contributions.csv), once per extra seed."""
@@ -151,7 +147,7 @@ def _jobs_for(spec: SweepSpec, model: str, task: str, algo: str, seeds, layer_sp
                                                                                  n_layers)
                 if extra:
                     label += f"-lr{extra['learning_rate']:g}"
-                job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{_slug(label)}-s{seed}-{config_hash(cfg)[:8]}"
+                job_id = f"{slug(model)}-{slug(task)}-{algo}-{slug(label)}-s{seed}-{config_hash(cfg)[:8]}"
                 jobs.append(Job(job_id, f"{model}/{task}/{algo}", layers, int(seed), cfg))
     return jobs
 

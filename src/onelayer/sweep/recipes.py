@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onelayer.config import REQUIRED, ConfigError, make_config, setting
-from onelayer.io import read_json
+from onelayer.io import read_json, slug
 from onelayer.rundir import config_hash
-from onelayer.sweep.plan import Job, _slug
+from onelayer.sweep.plan import Job
 from onelayer.sweep.store import sweep_condition
 
 
@@ -101,7 +101,7 @@ def recipe_jobs(seeds: list, condition: str, train: dict, recipes_: list[Recipe]
         for seed in seeds:
             cfg = make_config({**train, "model": model, "task": task, "algo": algo, "seed": seed,
                                "layers": recipe.layers, "layer_lr": recipe.layer_lr})
-            job_id = f"{_slug(model)}-{_slug(task)}-{algo}-{recipe.name}-s{seed}-{config_hash(cfg)[:8]}"
+            job_id = f"{slug(model)}-{slug(task)}-{algo}-{recipe.name}-s{seed}-{config_hash(cfg)[:8]}"
             jobs.append(Job(job_id, condition, recipe.layers, int(seed), cfg))
             names[job_id] = recipe.name
     return jobs, names
