@@ -220,6 +220,9 @@ def test_ensemble_user_errors_are_one_line_and_exit_2(tiny_sweep, tmp_path, caps
     _one_line_error(capsys, ["ensemble", "--from", str(tiny_sweep), "--top", "4", "--out", str(tmp_path / "o")],
                     "--top 4 is more than the 3", "k <= 3")
     _one_line_error(capsys, ["ensemble", "--from", str(tiny_sweep), "--top", "0"], "positive integers")
+    # --layer-seed chooses the voters' seed: the tiny sweep has single layers on its first seed only
+    _one_line_error(capsys, ["ensemble", "--from", str(tiny_sweep), "--top", "1", "--layer-seed", "7",
+                             "--out", str(tmp_path / "o")], "on seed 7", "--layer-seed")
     sweep = _copy(tiny_sweep, tmp_path)
     job = _layer_job(sweep, 1)
     ev = json.loads((job / "eval.json").read_text())

@@ -50,6 +50,8 @@ class EnsembleSpec:
                                     default_doc="the sweep's only condition")
     out: str | None = setting(None, "output directory (ensemble.csv, ensemble.json)", default_doc="FROM/ensemble")
     seed: int = setting(0, "seed of the generator that draws full RL's self-consistency samples")
+    layer_seed: int | None = setting(None, "seed of the single-layer models that vote",
+                                     default_doc="the sweep's first seed")
     batch_size: int = setting(256, "sequences per generation batch")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
     threads: int | None = setting(None, "torch CPU threads", default_doc="torch's choice")
@@ -222,7 +224,7 @@ def run_ensemble(spec: EnsembleSpec, log=print) -> list[dict]:
     if not jobs:
         raise ConfigError(f"ensemble: no finished jobs of {condition} in {str(src)!r}")
     _check_agent(jobs[0])
-    layer_seed = plan["spec"]["seeds"][0]
+    layer_seed = plan["spec"]["seeds"][0] if spec.layer_seed is None else spec.layer_seed
     singles: dict[int, Voter] = {}
     for job in jobs:
         kind, layer = run_kind(job.eval)
@@ -234,7 +236,8 @@ def run_ensemble(spec: EnsembleSpec, log=print) -> list[dict]:
     ranking = [(layer, c) for layer, c in ranked_layers(contributions, condition) if layer in singles]
     if not ranking:
         raise ConfigError(f"ensemble: contributions.csv ranks no finished single-layer job of {condition} on seed "
-                          f"{layer_seed} (contributions are NaN when full RL gained nothing over the base)")
+                          f"{layer_seed} (contributions are NaN when full RL gained nothing over the base; or "
+                          "--layer-seed names a seed without single-layer runs)")
     if ks[-1] > len(ranking):
         raise ConfigError(f"ensemble: --top {ks[-1]} is more than the {len(ranking)} ranked single-layer jobs of "
                           f"{condition} (seed {layer_seed}); choose k <= {len(ranking)}")
