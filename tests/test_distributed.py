@@ -92,6 +92,11 @@ def _worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), ONELAYER_DIST_TIMEOUT="180")  # a stuck collective fails the test
     run_tiny(settings, out)
+    # the run directory is complete here; a spawned worker was seen to hang in interpreter teardown (gloo's
+    # threads, on a loaded machine) after its job was done, so it leaves without the teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
