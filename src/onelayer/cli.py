@@ -265,7 +265,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = _config(args, BenchConfig)
     result = run_bench(tuple(cfg.models), steps=cfg.steps, warmup=cfg.warmup, threads=cfg.threads, device=cfg.device,
-                       with_trl=not cfg.no_trl, rounds=cfg.rounds, nproc=cfg.nproc, log=lambda msg: print(msg, file=sys.stderr))
+                       with_trl=not cfg.no_trl, rounds=cfg.rounds, nproc=cfg.nproc, trl_allocator=cfg.trl_allocator,
+                       log=lambda msg: print(msg, file=sys.stderr))
     print(format_report(result))
     if cfg.json:
         atomic_write_json(cfg.json, result)

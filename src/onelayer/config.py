@@ -122,6 +122,9 @@ class TrainConfig:
                                "forwards, float32 trainable weights and AdamW state)", **DTYPE)
     frozen_dtype: str | None = _f(None, "storage dtype of frozen tensors", default_doc="the compute dtype", **DTYPE)
     threads: int | None = _f(None, "torch CPU threads", default_doc="torch's choice", resume_free=True)
+    cpu_allocator: str = _f("retain", "freed CPU memory: retain (kept in the process and reused, so a step does not "
+                                      "page-fault its buffers in afresh; results are bit for bit the same) or system "
+                                      "(the C library's default)", choices=("retain", "system"), resume_free=True)
     # one job on several processes (onelayer.train.distributed)
     nproc: int = _f(1, "processes for this one job: onelayer train launches them with torchrun (under torchrun "
                        "its --nproc-per-node counts); prompts_per_step must divide by it", resume_free=True)
@@ -389,6 +392,8 @@ class BenchConfig:
     no_trl: bool = _f(False, "time onelayer alone (no TRL installed)", negatable=False)
     nproc: int = _f(1, "also time onelayer on this many processes (torchrun; gloo on CPU) with the same global batch, "
                        "against one process")
+    trl_allocator: str = _f("system", "TRL's process: system (as TRL ships) or retain (onelayer's cpu_allocator setting, "
+                                      "for a comparison on equal allocators)", choices=("system", "retain"))
     json: str | None = _f(None, "write the results (ratios at the top level, per-model runs under 'models')",
                           default_doc="not written")
 

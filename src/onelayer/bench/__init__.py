@@ -79,6 +79,7 @@ def _pool(runs: dict, key: str, new: dict) -> None:
     old = runs[key]
     old["step_s"] += new["step_s"]
     old["completion_len"] += new["completion_len"]
+    old["page_faults"] = old.get("page_faults", []) + new.get("page_faults", [])
     for phase, values in new.get("phases_s", {}).items():
         old["phases_s"].setdefault(phase, []).extend(values)
     old["peak_memory_bytes"] = max(old["peak_memory_bytes"], new["peak_memory_bytes"])
@@ -98,21 +99,22 @@ def _model_dir(model: str, tmp: str, log) -> str:
 
 
 def bench_model(model: str, *, steps: int, warmup: int, threads: int | None, device: str, with_trl: bool,
-                rounds: int = 2, nproc: int = 1, log=print) -> dict:
+                rounds: int = 2, nproc: int = 1, trl_allocator: str = "system", log=print) -> dict:
     """Both layer sets of one model, both tools (and onelayer on `nproc` processes); returns the medians, ratios
     and floors."""
     with tempfile.TemporaryDirectory(prefix="onelayer-bench-") as tmp:
         return _bench_model(model, _model_dir(model, tmp, log), steps=steps, warmup=warmup, threads=threads,
-                            device=device, with_trl=with_trl, rounds=rounds, nproc=nproc, log=log)
+                            device=device, with_trl=with_trl, rounds=rounds, nproc=nproc, trl_allocator=trl_allocator,
+                            log=log)
 
 
 def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads: int | None, device: str,
-                 with_trl: bool, rounds: int, nproc: int, log) -> dict:
+                 with_trl: bool, rounds: int, nproc: int, trl_allocator: str, log) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from onelayer.models.layer_spec import middle_layers
 
-    base = bench_spec(model, steps=steps, warmup=warmup, threads=threads)
+    base = bench_spec(model, steps=steps, warmup=warmup, threads=threads, trl_allocator=trl_allocator)
     config, tok = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     mid = middle_layers(1, config.num_hidden_layers)[0]
     prompts = [it["prompt"] for it in bench_task(base).items("train")[:base.prompts]]
@@ -187,7 +189,8 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
 
 
 def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads: int | None = None,
-              device: str = "cpu", with_trl: bool = True, rounds: int = 2, nproc: int = 1, log=print) -> dict:
+              device: str = "cpu", with_trl: bool = True, rounds: int = 2, nproc: int = 1, trl_allocator: str = "system",
+              log=print) -> dict:
     """The whole benchmark. Top-level keys of the result: the first model's ratios (`full_vs_trl`,
     `layer_vs_trl`, `layer_update_vs_full_update`, `full_vs_floor`, …), `cpu`, `settings` (run-wide) and
     `models` (per model, each with its own `settings`: prompts, G, new tokens, learning rate, prompts' kind)."""
@@ -196,7 +199,8 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
     if with_trl and not trl_available():
         raise BenchError("TRL is not installed; pip install 'onelayer[bench]' (or pass --no-trl to time onelayer alone)")
     settings = {"beta": 0.0, "num_iterations": 1, "steps": steps, "warmup": warmup, "rounds": rounds,
-                "threads": threads or torch.get_num_threads(), "device": device, "torch": torch.__version__}
+                "threads": threads or torch.get_num_threads(), "device": device, "torch": torch.__version__,
+                "trl_allocator": trl_allocator}
     if with_trl:
         import trl
 
@@ -205,8 +209,14 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
     for m in models:
         log(f"benchmarking {m}")
         per_model[m] = bench_model(m, steps=steps, warmup=warmup, threads=threads, device=device, with_trl=with_trl,
-                                   rounds=rounds, nproc=nproc, log=log)
+                                   rounds=rounds, nproc=nproc, trl_allocator=trl_allocator, log=log)
     return {**per_model[models[0]]["summary"], "cpu": cpu_model(), "settings": settings, "models": per_model}
+
+
+def _faults(run: dict) -> str:
+    """The run's median minor page faults per timed step (fresh pages the allocator asked the OS for)."""
+    faults = run.get("page_faults") or []
+    return f"page faults/step {statistics.median(faults):.0f}" if faults else ""
 
 
 def format_report(result: dict) -> str:
@@ -231,7 +241,7 @@ def format_report(result: dict) -> str:
                 f"  onelayer {layers:9s} step {s[f'onelayer_{key}_s'] * 1e3:7.1f} ms  (rollout {ph['rollout'] * 1e3:.1f}, "
                 f"reward {ph['reward'] * 1e3:.1f}, logprob {ph['logprob'] * 1e3:.1f}, update {ph['update'] * 1e3:.1f})  "
                 f"floor {s[f'floor_{key}_s'] * 1e3:.1f} ms  peak {run['peak_memory_bytes'] / 2**20:.0f} MiB  "
-                f"optimizer {run['optimizer_bytes'] / 2**20:.2f} MiB"
+                f"optimizer {run['optimizer_bytes'] / 2**20:.2f} MiB  {_faults(run)}"
             )
             if f"trl/{layers}" in m["runs"]:
                 trl = m["runs"][f"trl/{layers}"]
@@ -239,7 +249,7 @@ def format_report(result: dict) -> str:
                 gen = f"(generate + score {_median(gen) * 1e3:.1f})  " if gen else ""
                 lines.append(f"  trl      {layers:9s} step {s[f'trl_{key}_s'] * 1e3:7.1f} ms  {gen}"
                              f"peak {trl['peak_memory_bytes'] / 2**20:.0f} MiB  "
-                             f"optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB")
+                             f"optimizer {trl['optimizer_bytes'] / 2**20:.2f} MiB  {_faults(trl)}")
         if "nproc" in s:
             for layers, key in (("all", "full"), ("middle:1", "layer")):
                 ph = s[f"nproc_{key}_phases_s"]

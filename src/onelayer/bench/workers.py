@@ -69,7 +69,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         num_generations=spec.num_generations, max_completion_length=spec.max_new_tokens,
         learning_rate=spec.learning_rate, beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0,
         max_steps=spec.warmup + spec.steps, save_every=10**9, save_model=False, progress=False,
-        threads=spec.threads, seed=spec.seed, device=device,
+        threads=spec.threads, seed=spec.seed, device=device, cpu_allocator=spec.cpu_allocator,
     )
     with _run_dir() as out:
         record = run(cfg, out, log=lambda *_: None)
@@ -81,6 +81,8 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         "step_s": [r["seconds"] for r in rows],
         "phases_s": {p[:-2]: [r[p] for r in rows] for p in phases},
         "completion_len": [r["completion_len"] for r in rows],
+        "page_faults": [r.get("page_faults", 0) for r in rows],
+        "cpu_allocator": record.get("cpu_allocator"),
         "optimizer_bytes": rows[-1]["optimizer_bytes"],
         "trainable_params": record["trainable_params"],
         "peak_memory_bytes": _peak_memory_bytes(device),
@@ -96,8 +98,10 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     except ImportError as e:
         raise BenchError(f"TRL is needed for the comparison ({e}); install it with pip install 'onelayer[bench]'") from None
     from onelayer.models.layers import select_layers
+    from onelayer.train import allocator
     from onelayer.train.update import optimizer_state_bytes
 
+    allocator.configure(spec.trl_allocator)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -109,18 +113,20 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     data = Dataset.from_list([{"prompt": it["prompt"]} for it in items])
 
     times: list[float] = []
+    faults: list[int] = []
     lengths: list[float] = []
     generate_s: list[float] = []
     opt_bytes: list[int] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.faults0 = time.perf_counter(), allocator.minor_faults()
 
         def on_step_end(self, args, state, control, optimizer=None, **kw):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            faults.append(allocator.minor_faults() - self.faults0)
             if optimizer is not None:
                 opt_bytes.append(optimizer_state_bytes(optimizer))
 
@@ -154,6 +160,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     return {
         "step_s": times[spec.warmup:],
         "completion_len": lengths[spec.warmup:],
+        "page_faults": faults[spec.warmup:], "cpu_allocator": allocator.note(),
         "phases_s": {"generate_and_score": generate_s[spec.warmup:]} if generate_s[spec.warmup:] else {},
         "optimizer_bytes": opt_bytes[-1] if opt_bytes else 0, "trainable_params": sel.trainable_params,
         "peak_memory_bytes": _peak_memory_bytes(device),

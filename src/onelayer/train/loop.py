@@ -41,6 +41,7 @@ from onelayer.policy import forward_path, kernels, sequence_block_input, sequenc
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.tasks.agent import is_agent
 from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
+from onelayer.train import allocator
 from onelayer.train.checkpoint import load_checkpoint, save_checkpoint
 from onelayer.train.collapse import CollapseRule, check_collapse
 from onelayer.train.collapse import describe as describe_collapse
@@ -156,7 +157,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     precision.apply(model)  # trainable tensors float32, frozen ones in frozen_dtype
     with precision.autocast():
         forward = forward_path(model)  # lean, or the model's own with the reason
-    log(f"precision: {precision.describe()}; forward: {forward}")
+    log(f"precision: {precision.describe()}; forward: {forward}; CPU memory: {allocator.note()}")
     fingerprint = fingerprint_frozen(model)
     ref_weights = copy_trainable(model) if algo["beta"] > 0 else None  # one copy of the trainable blocks only
     # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
@@ -180,6 +181,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
         "total_params": selection.total_params, "task_options": task.options,
         "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward,
+        "cpu_allocator": allocator.note(),
         "block_lr": block_lr, **({"parallel": dp.describe()} if dp.active else {})})
         rundir.set_status(out, "running")
 
@@ -218,7 +220,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
 def rl_step(s: RunState, step: int) -> dict:
     """One RL step: sample and score, advantages, reference log-probs, update. Returns the step's metrics."""
     cfg = s.cfg
-    t0 = time.perf_counter()
+    t0, faults0 = time.perf_counter(), allocator.minor_faults()
     for group in s.optimizer.param_groups:
         group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup_steps) * group["lr_mult"]
     rng = random.Random(cfg.seed * 1_000_003 + step)
@@ -275,6 +277,7 @@ def rl_step(s: RunState, step: int) -> dict:
     return s.dp.metrics({
         "step": step + 1, **exp.metrics, **stats, "completion_len": batch.completion_lengths.float().mean().item(),
         "seconds": t4 - t0, "logprob_s": t3 - t2, "update_s": t4 - t3, "elapsed_s": s.elapsed,
+        "page_faults": allocator.minor_faults() - faults0,
         "optimizer_bytes": optimizer_state_bytes(s.optimizer)})  # several processes: the whole job's
 
 
@@ -386,6 +389,7 @@ def _record(s: RunState, scores: list[float], selected: int, answers: list[str] 
         "base_score": _mean(base), "base_ci95": bootstrap_ci(base),
         "gain": _mean(scores) - _mean(base), "gain_ci95": paired_bootstrap_ci(scores, base),
         "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
+        "cpu_allocator": allocator.note(),
         "collapsed": s.collapse is not None, "collapse": s.collapse,
         "warm_start": warm_start_info(s.source) if (Path(str(s.source)) / "warmstart.json").is_file() else None,
         "steps": cfg.max_steps if s.optimizer is not None else 0, "train_seconds": round(s.elapsed, 2),

@@ -12,6 +12,7 @@ from onelayer.models import BUILTIN_MODELS, load_policy, model_num_layers, resol
 from onelayer.models.layer_spec import parse_layer_spec
 from onelayer.models.layers import block_lr_multipliers
 from onelayer.rollout.sampler import LocalSampler
+from onelayer.train import allocator
 from onelayer.train.warmstart import warm_started
 
 # onelayer's defaults for the settings a task may suggest its own values for (`task_default` on their
@@ -80,6 +81,7 @@ def rollout_sampler(cfg: TrainConfig, model, tok, source, out):
 
 
 def setup_torch(cfg: TrainConfig) -> None:
+    allocator.configure(cfg.cpu_allocator)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
