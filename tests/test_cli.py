@@ -87,7 +87,7 @@ def test_every_field_is_a_flag_with_a_real_default(command, help_of):
 
 # flags added since (new features, not renames)
 ADDED = {"sweep": {"--pairs", "--lr-grid", "--lr-check-items", "--procs-per-job"}, "plan": {"--nproc", "--parallel"},
-         "bench": {"--nproc"}}
+         "bench": {"--nproc", "--trl-allocator"}}
 
 
 @pytest.mark.parametrize("command", sorted(BEFORE))
