@@ -213,6 +213,13 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
     return {**per_model[models[0]]["summary"], "cpu": cpu_model(), "settings": settings, "models": per_model}
 
 
+def _decode_note(decided: dict) -> str:
+    """Which decode step served (`policy.fused`) with its measured times, in a few words."""
+    picks = [f"{v['choice']} (python {v['python'] * 1e3:.2f} ms, fused {v['fused'] * 1e3:.2f} ms)" if "python" in v
+             else f"{v['choice']} ({v.get('reason', '')})" for k, v in decided.items() if k.startswith("decode:")]
+    return picks[-1] if picks else f"python ({decided.get('build', 'no record')})"
+
+
 def _faults(run: dict) -> str:
     """The run's median minor page faults per timed step (fresh pages the allocator asked the OS for)."""
     faults = run.get("page_faults") or []
@@ -230,10 +237,11 @@ def format_report(result: dict) -> str:
                      f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, onednn {m['onednn_matmul_gflops']} "
                      f"GFLOP/s, chosen {m['kernel_choice']})")
         for layers in ("all", "middle:1"):
-            made = [c["choice"] for c in m["runs"][f"onelayer/{layers}"].get("cpu_kernels", {}).values()]
+            run = m["runs"][f"onelayer/{layers}"]
+            made = [c["choice"] for c in run.get("cpu_kernels", {}).values()]
             if made:
                 lines.append(f"  onelayer {layers:9s} kernels: {made.count('onednn')} shapes onednn, "
-                             f"{made.count('default')} default")
+                             f"{made.count('default')} default; decode step: {_decode_note(run.get('decode_step', {}))}")
         for layers, key in (("all", "full"), ("middle:1", "layer")):
             ph = s[f"onelayer_{key}_phases_s"]
             run = m["runs"][f"onelayer/{layers}"]

@@ -87,6 +87,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         "trainable_params": record["trainable_params"],
         "peak_memory_bytes": _peak_memory_bytes(device),
         "cpu_kernels": record.get("cpu_kernels", {}),
+        "decode_step": record.get("decode_step", {}),
     }
 
 

@@ -78,7 +78,12 @@ def _load_stored() -> dict:
         return {}
 
 
-def _store(key: tuple[int, int, int], choice: str, times: dict) -> None:
+def stored(name: str) -> dict | None:
+    """A choice measured earlier on this machine (same host, CPU, torch and threads), by its name."""
+    return _load_stored().get(name)
+
+
+def _store(key: tuple[int, int, int] | str, choice: str, times: dict) -> None:
     from onelayer.io import atomic_write_json, file_lock
 
     path = _store_path()
@@ -87,10 +92,16 @@ def _store(key: tuple[int, int, int], choice: str, times: dict) -> None:
             data = _load_stored()
             data.setdefault("_machine", {"host": socket.gethostname(), "cpu": cpu_model(),
                                          "torch": torch.__version__, "threads": torch.get_num_threads()})
-            data["x".join(map(str, key))] = {"choice": choice, **{k: round(v, 9) for k, v in times.items()}}
+            name = key if isinstance(key, str) else "x".join(map(str, key))
+            data[name] = {"choice": choice, **{k: round(v, 9) for k, v in times.items()}}
             atomic_write_json(path, data)
     except OSError:  # a read-only cache only costs the reuse across processes
         pass
+
+
+def store(name: str, choice: str, times: dict) -> None:
+    """Keep a measured choice for later processes on this machine (`stored` reads it back)."""
+    _store(name, choice, times)
 
 
 def _time(fn, reps: int) -> float:

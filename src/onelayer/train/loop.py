@@ -37,7 +37,7 @@ from onelayer.models.layers import (
     trainable_parameters,
 )
 from onelayer.models.prefix import reuse_block
-from onelayer.policy import forward_path, kernels, sequence_block_input, sequence_logprobs
+from onelayer.policy import forward_path, fused, kernels, sequence_block_input, sequence_logprobs
 from onelayer.stats import bootstrap_ci, paired_bootstrap_ci
 from onelayer.tasks.agent import is_agent
 from onelayer.tasks.prompts import TRAINED_FORMAT_FILE
@@ -389,7 +389,7 @@ def _record(s: RunState, scores: list[float], selected: int, answers: list[str] 
         "base_score": _mean(base), "base_ci95": bootstrap_ci(base),
         "gain": _mean(scores) - _mean(base), "gain_ci95": paired_bootstrap_ci(scores, base),
         "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
-        "cpu_allocator": allocator.note(),
+        "decode_step": fused.choices(), "cpu_allocator": allocator.note(),
         "collapsed": s.collapse is not None, "collapse": s.collapse,
         "warm_start": warm_start_info(s.source) if (Path(str(s.source)) / "warmstart.json").is_file() else None,
         "steps": cfg.max_steps if s.optimizer is not None else 0, "train_seconds": round(s.elapsed, 2),

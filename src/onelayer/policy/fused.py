@@ -1,0 +1,178 @@
+"""The lean decoder's one-token step compiled into one call (`fused_decode.cpp`), used where it measures faster.
+
+On a CPU a small model's decode step is mostly per-op cost: ~300 small torch ops a step, ~1 ms of Python
+and dispatch whatever the batch. `decode_step` runs every block's norms, rotary, KV-cache write and
+attention as loops in one C++ call, and the matmuls on the kernels `policy.kernels` chose per shape. It is
+built at first use with torch's C++ extension loader (a C++ compiler and ninja) into
+``$ONELAYER_CACHE/ext/``, once per machine, torch version and source.
+
+A decoder uses it only when it built, when its logits and new KV-cache entries matched the Python step's
+(to 1e-5 relative) on the first step it served in this process, and when it measured faster than the
+Python step on that step's shapes. The timing is kept with the matmul choices (`kernels.store`), so later
+processes on the machine reuse it and stay reproducible. ``ONELAYER_FUSED_DECODE=off`` turns it off,
+``on`` skips the timing (still checked); `choices()` says what each process decided and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from onelayer.policy import kernels
+
+ENV = "ONELAYER_FUSED_DECODE"
+MARGIN = 0.05  # the compiled step replaces the Python one only when at least this much faster
+TOL = 1e-5
+SOURCE = Path(__file__).with_name("fused_decode.cpp")
+_LOG = logging.getLogger("onelayer.fused")
+_EXT: dict[str, object] = {}  # "module" or "reason"
+_DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused" (s), "reason"}
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").lower()
+    return value if value in ("auto", "on", "off") else "auto"
+
+
+def extension():
+    """The compiled module, built or loaded once per process; None when it cannot be (`build_note` says why)."""
+    if "module" in _EXT or "reason" in _EXT:
+        return _EXT.get("module")
+    started = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        from onelayer.io import cache_root
+
+        source = SOURCE.read_text()
+        digest = hashlib.sha256(f"{source}|{torch.__version__}|{kernels.cpu_model()}".encode()).hexdigest()[:12]
+        name, build = f"onelayer_fused_{digest}", cache_root() / "ext" / f"fused_decode-{digest}"
+        if (build / f"{name}.so").is_file():  # built before on this machine: import it, no build step
+            from torch.utils.cpp_extension import _import_module_from_library
+
+            _EXT["module"] = _import_module_from_library(name, str(build), True)
+        else:
+            build.mkdir(parents=True, exist_ok=True)
+            _EXT["module"] = load_inline(name, cpp_sources=[source], functions=["decode_step"],
+                                         extra_cflags=["-O3", "-fopenmp-simd"], build_directory=str(build), verbose=False)
+        _EXT["note"] = f"loaded in {time.perf_counter() - started:.1f} s from {build}"
+    except Exception as err:  # no compiler, no ninja, a read-only cache: the Python step serves
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        _EXT["reason"] = f"not built ({type(err).__name__}: {first})"
+        _LOG.info("fused decode step %s", _EXT["reason"])
+    return _EXT.get("module")
+
+
+def build_note() -> str:
+    return str(_EXT.get("note") or _EXT.get("reason") or "not needed yet")
+
+
+def supports(dec) -> bool:
+    """Decoders the compiled step reproduces: the CPU fold layout in float32, with no sliding-window."""
+    return dec.fold and dec.device.type == "cpu" and dec.dtype == torch.float32 and dec.head_dim <= 1024
+
+
+class FusedStep:
+    """The compiled step for one `LeanDecoder` (its gathered weights as the C++ call takes them)."""
+
+    def __init__(self, dec, module):
+        empty = torch.empty(0)
+
+        def bias(b):
+            return empty if b is None else (b[0] if isinstance(b, list) else b)
+
+        L = dec.layers
+        self.dec, self.module, self.empty = dec, module, empty
+        self.qkv_w, self.qkv_b = [lay["qkv"]["w"][0] for lay in L], [bias(lay["qkv"]["b"]) for lay in L]
+        self.qkn = [lay["qk_norm"][0].contiguous() if lay["qk_norm"] is not None else empty for lay in L]
+        self.o_w, self.o_b = [lay["o"][0] for lay in L], [bias(lay["o"][1]) for lay in L]
+        self.gu_w, self.gu_b = [lay["gate_up"]["w"][0] for lay in L], [bias(lay["gate_up"]["b"]) for lay in L]
+        self.d_w, self.d_b = [lay["down"][0] for lay in L], [bias(lay["down"][1]) for lay in L]
+        self.head_w, self.head_b = dec.head["w"][0], bias(dec.head["b"])
+        self.eps = L[0]["qkv"]["eps"]
+        self.qeps = L[0]["qk_norm"][1] if L[0]["qk_norm"] is not None else 1e-6
+        H = self.qkv_w[0].shape[1]
+        self.shape = (f"H{H}-I{self.d_w[0].shape[1]}-h{dec.heads}-kv{dec.kv_heads}-d{dec.head_dim}-L{len(L)}"
+                      f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}")
+
+    def _kernels(self, B: int) -> list[bool]:
+        from onelayer.policy.ops import _use_onednn
+
+        x, inner = torch.empty(B, self.qkv_w[0].shape[1]), torch.empty(B, self.d_w[0].shape[1])
+        return [_use_onednn(x, self.qkv_w[0]), _use_onednn(torch.empty(B, self.o_w[0].shape[1]), self.o_w[0]),
+                _use_onednn(x, self.gu_w[0]), _use_onednn(inner, self.d_w[0]), _use_onednn(x, self.head_w)]
+
+    def __call__(self, ids, positions, start, mask, rows):
+        dec, B = self.dec, ids.shape[0]
+        x = dec.embed(ids)[:, 0]
+        rot = torch.view_as_real(dec.rot[positions[:, 0]])
+        mask2d = self.empty if mask is None else mask[:, 0, 0]
+        capture = -1 if dec.capture is None else dec.capture
+        return self.module.decode_step(
+            x, rot, self.qkv_w, self.qkv_b, self.qkn, self.o_w, self.o_b, self.gu_w, self.gu_b, self.d_w, self.d_b,
+            dec.k, dec.v, self.head_w, self.head_b, start, mask2d, dec.heads, dec.kv_heads, dec.head_dim, self.eps,
+            self.qeps, self._kernels(B), capture, dec.captured if dec.captured is not None else self.empty,
+            rows if rows is not None else torch.empty(0, dtype=torch.long)).float()
+
+
+def for_decoder(dec) -> FusedStep | None:
+    """The compiled step for `dec` when it may serve (built, not turned off, a layout it reproduces)."""
+    if mode() == "off" or not supports(dec):
+        return None
+    module = extension()
+    return None if module is None else FusedStep(dec, module)
+
+
+def _entries(dec, B: int, start: int, rows) -> list[torch.Tensor]:
+    """Copies of what one step writes: every block's new cache entries and the captured row, if any."""
+    out = [t[:B, :, start].clone() for t in (*dec.k, *dec.v)]
+    if dec.captured is not None:
+        out.append(dec.captured[rows if rows is not None else slice(0, B), start].clone())
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the larger magnitude (0 when equal)."""
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) if a.numel() else 0.0
+
+
+def _time(fn, reps: int = 5) -> float:
+    return kernels._time(fn, reps)  # best of `reps` after one untimed call
+
+
+def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> bool:
+    """Whether `step` serves this decoder's one-token steps (at this batch size's band): checked against the
+    Python step `python` on this step's inputs, then timed against it (or the stored timing reused). Leaves
+    the cache as the chosen path writes it."""
+    dec, B = step.dec, ids.shape[0]
+    key = f"decode:{step.shape}-B{kernels._bucket(B)}"
+    if key not in _DECIDED:
+        want = python(ids, positions, start, mask, rows)
+        want_entries = _entries(dec, B, start, rows)
+        got = step(ids, positions, start, mask, rows)
+        err = max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows), want_entries)])
+        if err > TOL:
+            _DECIDED[key] = {"choice": "python", "reason": f"the compiled step differed by {err:.1e} (relative)"}
+        elif mode() == "on":
+            _DECIDED[key] = {"choice": "fused", "reason": f"{ENV}=on"}
+        elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", "fused"):
+            _DECIDED[key] = {**saved, "reason": "measured earlier on this machine"}
+        else:
+            args = (ids, positions, start, mask, rows)
+            times = {"python": _time(lambda: python(*args)), "fused": _time(lambda: step(*args))}
+            choice = "fused" if times["fused"] < times["python"] * (1 - MARGIN) else "python"
+            kernels.store(key, choice, times)
+            _DECIDED[key] = {"choice": choice, **times, "reason": "measured"}
+            _LOG.info("decode step %s: python %.3g ms, fused %.3g ms -> %s", key, times["python"] * 1e3,
+                      times["fused"] * 1e3, choice)
+    return _DECIDED[key]["choice"] == "fused"
+
+
+def choices() -> dict:
+    """What this process decided per decoder shape, and how the compiled step was built (for run records)."""
+    return {"build": build_note(), "mode": mode(), **{k: dict(v) for k, v in sorted(_DECIDED.items())}}

@@ -1,0 +1,155 @@
+// One-token decode step of onelayer's lean decoder (onelayer/policy/decoder.py, the CPU "fold" layout) in one
+// call: per block the input RMSNorm, the q/k/v projection, the per-head q/k RMSNorm, rotary, the KV-cache
+// write, attention over the cache and the MLP, then the head. Norms, rotary, the cache write and attention
+// are loops here (rows split over torch's intra-op threads; each row's arithmetic is the same whatever
+// the thread count); the matmuls go to oneDNN or torch's GEMM as onelayer/policy/kernels.py chose per
+// shape. Built and loaded by onelayer/policy/fused.py, which checks it against the Python step.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+using at::Tensor;
+
+static Tensor mkl_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, w, b, c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+static Tensor mkl_linear_add(const Tensor& a, const Tensor& other, const Tensor& w, const c10::optional<Tensor>& b) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
+  std::vector<c10::IValue> stack{a, other, w, b, c10::IValue(std::string("add"))};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+static c10::optional<Tensor> opt(const Tensor& t) { return t.defined() && t.numel() ? c10::optional<Tensor>(t) : c10::nullopt; }
+
+static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
+  return onednn ? mkl_linear(x, w, opt(b)) : at::linear(x, w, opt(b));
+}
+static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
+  return onednn ? mkl_linear_add(a, x, w, opt(b)) : x + at::linear(a, w, opt(b));
+}
+
+// RMSNorm of the rows of a [R, H] float tensor, without a weight (it is folded into the next matmul)
+static Tensor rms(const Tensor& x, double eps) {
+  auto y = at::empty_like(x);
+  const int64_t R = x.size(0), H = x.size(1);
+  const float* xp = x.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const float* a = xp + r * H; float* o = yp + r * H;
+    float ss = 0.f;
+#pragma omp simd reduction(+:ss)
+    for (int64_t i = 0; i < H; ++i) ss += a[i] * a[i];
+    const float inv = 1.f / std::sqrt(ss / (float)H + (float)eps);
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) o[i] = a[i] * inv;
+  }
+  return y;
+}
+
+// x [B, H]: the new tokens' embeddings; rot [B, d/2, 2]: cos and sin of each rotary pair at their positions.
+// Per block: qkv [(h+2kvh)d, H] (input norm folded in; q/k rows in pair order, q pre-scaled), qkn [h+kvh, d]
+// (Qwen3's q/k norm weights) or empty, o [H, hd], gu [2I, H] (post-attention norm folded in), down [H, I];
+// an empty bias is none. kc/vc [Bmax, kvh, Lmax, d] caches (rows 0..B-1 in use); the new entries go to slot
+// `start`. mask: bool, row b's slot t visible when mask[b, t] (rows strided, slots contiguous) or empty.
+// capture >= 0: the hidden states entering that block are written to captured[rows or 0..B-1, start].
+// onednn: which kernel each of the qkv, o, gate/up, down and head matmuls uses. Returns the logits [B, V].
+Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<Tensor> qkv_b, std::vector<Tensor> qkn,
+                   std::vector<Tensor> o_w, std::vector<Tensor> o_b, std::vector<Tensor> gu_w, std::vector<Tensor> gu_b,
+                   std::vector<Tensor> d_w, std::vector<Tensor> d_b, std::vector<Tensor> kc, std::vector<Tensor> vc,
+                   Tensor head_w, Tensor head_b, int64_t start, Tensor mask, int64_t h, int64_t kvh, int64_t d,
+                   double eps, double qeps, std::vector<bool> onednn, int64_t capture, Tensor captured, Tensor rows) {
+  const int64_t B = x.size(0), H = x.size(1), end = start + 1, g = h / kvh, half = d / 2;
+  const int64_t L = kc[0].size(2);
+  const float* rp = rot.data_ptr<float>();
+  const bool* mp = mask.defined() && mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t mstride = mp ? mask.stride(0) : 0;
+  TORCH_CHECK(!mp || mask.stride(1) == 1, "decode_step: the mask's slots must be contiguous");
+  TORCH_CHECK(end <= kc[0].size(2) && d <= 1024 && end <= 4096, "decode_step: cache or head size out of range");
+  auto q = at::empty({B, h, d}, x.options());
+  auto att = at::empty({B, h * d}, x.options());
+  for (size_t i = 0; i < qkv_w.size(); ++i) {
+    if ((int64_t)i == capture) {
+      if (rows.defined() && rows.numel()) captured.index_put_({rows, start}, x);
+      else captured.select(1, start).narrow(0, 0, B).copy_(x);
+    }
+    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], onednn[0]).contiguous();  // [B, (h+2kvh)d]
+    const float* src = qkv.data_ptr<float>();
+    const float* wn = qkn[i].numel() ? qkn[i].data_ptr<float>() : nullptr;
+    float* qp = q.data_ptr<float>();
+    float* kp = kc[i].data_ptr<float>(); float* vp = vc[i].data_ptr<float>();
+    const int64_t W = (h + 2 * kvh) * d;
+    at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+      float tmp[1024];  // one head, normed
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* rb = rp + b * half * 2;
+        for (int64_t j = 0; j < h + kvh; ++j) {
+          const float* s = src + b * W + j * d;
+          float inv = 1.f;
+          if (wn) {
+            float ss = 0.f;
+#pragma omp simd reduction(+:ss)
+            for (int64_t t = 0; t < d; ++t) ss += s[t] * s[t];
+            inv = 1.f / std::sqrt(ss / (float)d + (float)qeps);
+            for (int64_t t = 0; t < d; ++t) tmp[t] = (s[t] * inv) * wn[j * d + t];
+          } else {
+            for (int64_t t = 0; t < d; ++t) tmp[t] = s[t];
+          }
+          float* out = j < h ? qp + (b * h + j) * d : kp + ((b * kvh + (j - h)) * L + start) * d;
+          for (int64_t p = 0; p < half; ++p) {
+            const float a0 = tmp[2 * p], a1 = tmp[2 * p + 1], c = rb[2 * p], sn = rb[2 * p + 1];
+            out[2 * p] = a0 * c - a1 * sn;
+            out[2 * p + 1] = a0 * sn + a1 * c;
+          }
+        }
+        for (int64_t j = 0; j < kvh; ++j) {
+          const float* s = src + b * W + (h + kvh + j) * d;
+          float* out = vp + ((b * kvh + j) * L + start) * d;
+          for (int64_t t = 0; t < d; ++t) out[t] = s[t];
+        }
+      }
+    });
+    float* ap = att.data_ptr<float>();
+    at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+      float sc[4096];  // one head's scores over the cache
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t kv = 0; kv < kvh; ++kv) {
+          const float* K = kp + (b * kvh + kv) * L * d;
+          const float* V = vp + (b * kvh + kv) * L * d;
+          for (int64_t gi = 0; gi < g; ++gi) {
+            const int64_t head = kv * g + gi;
+            const float* qv = qp + (b * h + head) * d;
+            float mx = -INFINITY;
+            for (int64_t t = 0; t < end; ++t) {
+              float s = 0.f;
+              const float* kt = K + t * d;
+#pragma omp simd reduction(+:s)
+              for (int64_t e = 0; e < d; ++e) s += qv[e] * kt[e];
+              if (mp && !mp[b * mstride + t]) s = -INFINITY;
+              sc[t] = s; mx = s > mx ? s : mx;
+            }
+            float sum = 0.f;
+            for (int64_t t = 0; t < end; ++t) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
+            const float invs = 1.f / sum;
+            float* o = ap + b * h * d + head * d;
+            for (int64_t e = 0; e < d; ++e) o[e] = 0.f;
+            for (int64_t t = 0; t < end; ++t) {
+              const float pt = sc[t] * invs; const float* vt = V + t * d;
+#pragma omp simd
+              for (int64_t e = 0; e < d; ++e) o[e] += pt * vt[e];
+            }
+          }
+        }
+      }
+    });
+    x = lin_add(att, x, o_w[i], o_b[i], onednn[1]);
+    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], onednn[2]);
+    auto parts = gu.chunk(2, -1);
+    x = lin_add(at::silu(parts[0]) * parts[1], x, d_w[i], d_b[i], onednn[3]);
+  }
+  return lin(rms(x, eps), head_w, head_b, onednn[4]);
+}
