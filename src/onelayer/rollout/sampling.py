@@ -51,7 +51,7 @@ def _next_tokens(
         logp = torch.log_softmax(logits, -1)
         tok = logp.argmax(-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, -1)
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, -1)
     if top_p < 1.0:
         sorted_logp, order = logp.sort(-1, descending=True)
         probs = sorted_logp.exp()
@@ -90,6 +90,7 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
         logps = torch.zeros((B, T), dtype=torch.float32, device=device)
         cmask = torch.zeros((B, T), dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)  # original row of each row still in the batch (and the cache)
+        at = slice(None)  # `rows` as an index: a plain slice until rows are dropped
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         check_every = 1 if device.type == "cpu" else 4  # .item() is free on CPU, a sync on GPU
         steps = 0
@@ -97,9 +98,9 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
             for t in range(T):
                 tok, lp = _next_tokens(logits, temperature, top_p, greedy, generator)
                 tok = tok.masked_fill(finished, pad_id)
-                tokens[rows, t] = tok
-                logps[rows, t] = lp.masked_fill(finished, 0.0)
-                cmask[rows, t] = ~finished
+                tokens[at, t] = tok
+                logps[at, t] = lp.masked_fill(finished, 0.0)
+                cmask[at, t] = ~finished
                 finished = finished | (tok == eos)
                 if stop_ids is not None:
                     finished = finished | torch.isin(tok, stop_ids)
@@ -115,6 +116,7 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
                         keep = (~finished).nonzero().squeeze(-1)
                         stepper.keep(keep)
                         rows, tok, finished, pos = rows[keep], tok[keep], finished[keep], pos[keep]
+                        at = rows
                 logits = stepper.decode(tok, pos + t, t, rows)
     finally:
         stepper.close()
