@@ -89,14 +89,12 @@ def run_tiny(settings: dict, out: str, lean: bool = True) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:
+    from onelayer.train.distributed import leave
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), ONELAYER_DIST_TIMEOUT="180")  # a stuck collective fails the test
-    run_tiny(settings, out)
-    # the run directory is complete here; a spawned worker was seen to hang in interpreter teardown (gloo's
-    # threads, on a loaded machine) after its job was done, so it leaves without the teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_tiny(settings, out)  # an exception reaches the parent (torch.multiprocessing) with its traceback
+    leave(0)  # as a torchrun process of `onelayer train` does
 
 
 def free_port() -> int:
@@ -253,6 +251,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     (run / "config.json").write_text(json.dumps({"config_hash": "0" * 16, "prompts_per_step": 8, "num_generations": 2}))
     err = _fails(capsys, [*TRAIN, "--nproc", "2", "--out", str(run)])
     assert "global batch of 8 prompts x 2 completions" in err and "(got 4 x 2)" in err
+
+
+def test_a_torchrun_process_leaves_with_its_exit_status(tmp_path):
+    """A process of a torchrun job (WORLD_SIZE set) ends through os._exit: bad input still prints one line and exits
+    2; an uncaught exception prints its traceback and exits 1."""
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                                          os.environ.get("PYTHONPATH", "")])}
+    bad = subprocess.run([sys.executable, "-m", "onelayer", *TRAIN, "--parallel", "zero3", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "must be auto, ddp or fsdp" in bad.stderr
+    crash = subprocess.run([sys.executable, "-c", "from onelayer.train.distributed import run_and_leave\n"
+                            "run_and_leave(lambda: 1 / 0)"], env=env, capture_output=True, text=True, timeout=120)
+    assert crash.returncode == 1 and "ZeroDivisionError" in crash.stderr
 
 
 def test_more_processes_than_gpus_is_a_config_error(monkeypatch):

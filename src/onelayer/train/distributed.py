@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import inspect
+import logging
 import math
 import os
 import subprocess
 import sys
+import traceback
+import typing
 from datetime import timedelta
 from pathlib import Path
 
@@ -356,8 +360,14 @@ class Parallel:
             dist.barrier()
 
     def close(self) -> None:
+        """The end of a finished job: a barrier, then the process group destroyed. DDP's reducer is freed first,
+        while the group lives on: freeing it holds the GIL, and when it held the group's last reference the
+        group's destructor waited for gloo's worker thread, itself waiting for the GIL to free a finished
+        collective's tensors (a worker hung there after its job was done)."""
         if self.active and dist.is_initialized():
             dist.barrier()
+            self._ddp = None
+            gc.collect()  # the DDP module's reference cycles, with its reducer
             dist.destroy_process_group()
 
     def _gather(self, obj) -> list:
@@ -393,6 +403,34 @@ def precheck(cfg, out) -> None:
 
     rundir.check_resumable(cfg, Path(out))
     check(with_task_defaults(cfg, tasks.make(cfg.task, **cfg.task_opts)), cfg.nproc, resolve_device(cfg.device))
+
+
+def run_and_leave(main) -> typing.NoReturn:
+    """Run `main()` (a command's entry, returning its exit status) as one process of a torchrun job and `leave`
+    with that status: a SystemExit's, or 1 for an uncaught exception (its traceback printed first)."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - reported here: the process leaves without Python's own handler
+        traceback.print_exc()
+        code = 1
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what SystemExit("message") prints
+        code = 1
+    leave(code or 0)
+
+
+def leave(code: int) -> typing.NoReturn:
+    """End this process with `code` through `os._exit`, stdout, stderr and logging flushed first. A finished job
+    has written its run directory and destroyed its process group (`Parallel.close`) by then; leaving without
+    the interpreter's teardown means no thread a library left behind (gloo's) can hang the process, and with
+    it the job."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def launch(argv: list[str], nproc: int) -> int:
