@@ -10,6 +10,7 @@ batch it is in; everything after the rollout (advantages, log-probs, the update,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -155,8 +156,9 @@ def test_two_processes_match_one_on_the_same_global_batch(parallel, layers, refe
     record = json.loads((two / "eval.json").read_text())
     assert record["frozen_unchanged"] and record["parallel"]["method"] == parallel
     assert record["parallel"]["world_size"] == 2
-    config = json.loads((two / "config.json").read_text())
-    assert config["config_hash"] == json.loads((one / "config.json").read_text())["config_hash"]
+    # the process count is part of the job (its rollouts differ), not of what a resume must match
+    config, config_one = (json.loads((d / "config.json").read_text()) for d in (two, one))
+    assert config["resume_hash"] == config_one["resume_hash"] == config_one["config_hash"] != config["config_hash"]
     if parallel == "fsdp":
         assert config["forward"].startswith("hf (FSDP")
 
@@ -265,6 +267,42 @@ def test_a_torchrun_process_leaves_with_its_exit_status(tmp_path):
     crash = subprocess.run([sys.executable, "-c", "from onelayer.train.distributed import run_and_leave\n"
                             "run_and_leave(lambda: 1 / 0)"], env=env, capture_output=True, text=True, timeout=120)
     assert crash.returncode == 1 and "ZeroDivisionError" in crash.stderr
+
+
+def test_the_process_count_is_in_the_config_hash_not_in_what_a_resume_matches(tmp_path):
+    """One process: the hash it always had (every setting but the resume-free ones); more: another job, which a
+    killed run of it may still resume on any count."""
+    import hashlib
+
+    from onelayer import rundir
+    from onelayer.config import TrainConfig
+
+    one, two = TrainConfig(), TrainConfig(nproc=2)
+    kept = {k: v for k, v in one.to_dict().items() if k not in rundir.RESUME_FREE_KEYS}
+    assert rundir.config_hash(one) == hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    assert rundir.config_hash(one) == rundir.resume_hash(one) == rundir.resume_hash(two) != rundir.config_hash(two)
+    assert rundir.config_hash(TrainConfig(nproc=3)) not in (rundir.config_hash(one), rundir.config_hash(two))
+    for saved in ({"config_hash": rundir.config_hash(two), "resume_hash": rundir.resume_hash(two)},
+                  {"config_hash": rundir.resume_hash(two)}):  # as written now, and before resume_hash was
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        rundir.check_resumable(one, tmp_path)
+        rundir.check_resumable(TrainConfig(nproc=4), tmp_path)
+
+
+def test_a_finished_run_on_another_process_count_is_not_reused(tmp_path):
+    from onelayer import rundir
+    from onelayer.sweep import make_spec, plan
+    from onelayer.sweep.recipes import reuse_finished
+
+    job = plan(make_spec({"single_layers": False}))[0]
+    done = tmp_path / "src" / "jobs" / job.id
+    done.mkdir(parents=True)
+    cfg = dataclasses.replace(job.config, nproc=2)
+    (done / "config.json").write_text(json.dumps({"config_hash": rundir.config_hash(cfg)}))
+    (done / "eval.json").write_text("{}")
+    rundir.set_status(done, "done")
+    assert reuse_finished([job], [tmp_path / "src"], tmp_path / "a", log=lambda _: None) == 0
+    assert reuse_finished([job], [tmp_path / "src"], tmp_path / "b", log=lambda _: None, nproc=2) == 1
 
 
 def test_more_processes_than_gpus_is_a_config_error(monkeypatch):

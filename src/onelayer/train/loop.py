@@ -139,7 +139,8 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     task = tasks.make(cfg.task, **cfg.task_opts)
     user_cfg, cfg = cfg, with_task_defaults(cfg, task)  # unset settings take the task's suggestions
     check_parallel(cfg, dp.world, device)
-    cfg = dataclasses.replace(cfg, nproc=dp.world)  # as run (torchrun's count); resume-free, not in the hash
+    # as run (torchrun's count): resume-free, in the config hash when > 1 (`rundir.config_hash`)
+    user_cfg, cfg = (dataclasses.replace(c, nproc=dp.world) for c in (user_cfg, cfg))
     algo = resolve_algo(cfg)
     check_backend(cfg)
     model, tok, source = load_model(cfg, task, cfg.max_completion_length, device, log)
@@ -179,8 +180,9 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         "advantage": algo["advantage"], "model_source": str(source), "layer_indices": selection.indices,
         "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
         "total_params": selection.total_params, "task_options": task.options,
-        "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward,
-        "block_lr": block_lr, **({"parallel": dp.describe()} if dp.active else {})})
+        "config_hash": rundir.config_hash(user_cfg), "resume_hash": rundir.resume_hash(user_cfg),
+        "precision": precision.describe(), "forward": forward, "block_lr": block_lr,
+        **({"parallel": dp.describe()} if dp.active else {})})
         rundir.set_status(out, "running")
 
     start_step = 0
