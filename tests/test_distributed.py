@@ -246,7 +246,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     out = ["--out", str(tmp_path / "r")]
     assert "must be auto, ddp or fsdp" in _fails(capsys, [*TRAIN, "--parallel", "zero3", *out])
     assert "prompts_per_step 4 does not divide by --nproc 3" in _fails(capsys, [*TRAIN, "--nproc", "3", *out])
-    assert "mini_batch_size 3 does not divide" in _fails(capsys, [*TRAIN, "--nproc", "2", "--mini-batch-size", "3", *out])
+    assert "rollout_backend vllm with --nproc 2 is not supported" in _fails(capsys, [*TRAIN, "--nproc", "2",
+                                                                                    "--rollout-backend", "vllm", *out])
     # a resume with another global batch
     run = tmp_path / "old"
     run.mkdir()

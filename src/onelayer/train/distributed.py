@@ -63,9 +63,6 @@ def check(cfg, world: int, device: str) -> None:
     if cfg.prompts_per_step is not None and cfg.prompts_per_step % world:
         raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} does not divide by --nproc {world}: each process "
                           "rolls out whole groups of an equal share of the prompts")
-    if cfg.mini_batch_size is not None and cfg.mini_batch_size % world:
-        raise ConfigError(f"mini_batch_size {cfg.mini_batch_size} does not divide by --nproc {world}: each optimizer "
-                          "step takes an equal share from every process")
     if cfg.check_every:
         raise ConfigError(f"check_every with --nproc {world} is not supported yet (the best check's weights are kept "
                           "by one process); run with --nproc 1 or --check-every 0")
@@ -247,15 +244,18 @@ class Parallel:
         ddp = self._ddp
         return lambda *args: ddp(fn, *args)
 
-    def minibatches(self, perm: torch.Tensor, size: int | None) -> tuple:
-        """The update's minibatches of this rank's rows (`size`: completions per optimizer step, global): every
-        rank runs the same number of optimizer steps, each with a 1/N share of the global minibatch."""
+    def minibatches(self, rows: int, size: int | None, generator: torch.Generator) -> list[torch.Tensor]:
+        """One pass's minibatches of this rank's `rows` rows (`size`: rows per optimizer step, None: all of them),
+        as local row indices. One process: a random permutation of the rows, split. Several: the same of the
+        whole step's rows (rank 0 draws it with its generator, every rank gets it), each rank keeping its own
+        rows of each minibatch, so the minibatches are the one-process ones of the same global batch; a rank may
+        hold none of a minibatch's rows (an empty index: the update still takes part in its collectives)."""
         if not self.active:
-            return perm.split(size or len(perm))
-        local = size // self.world if size else len(perm)
-        count = torch.tensor([math.ceil(len(perm) / max(local, 1))], dtype=torch.long)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return perm.tensor_split(int(count))
+            return list(torch.randperm(rows, generator=generator).split(size or rows))
+        counts = self._gather(rows)
+        start, total = sum(counts[:self.rank]), sum(counts)
+        perm = self.broadcast(torch.randperm(total, generator=generator) if self.main else None)
+        return [mine[(mine >= start) & (mine < start + rows)] - start for mine in perm.split(size or total)]
 
     def denominator(self, local: torch.Tensor) -> torch.Tensor | None:
         """The loss normaliser of the whole minibatch (summed over ranks); None on one process (the local one)."""
