@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onelayer.config import ConfigError
+from onelayer.models.layers import swap_weights
 
 PARALLEL = ("auto", "ddp", "fsdp")
 # rank r > 0 samples from seed + r * _RANK_STRIDE: apart from every (seed, step) stream of rank 0
@@ -195,9 +196,6 @@ class Parallel:
 
         self.method, self.note = choose_method(cfg.parallel, training_state_bytes(model, beta),
                                                device_memory(self.device, self.world))
-        if self.method == "fsdp" and beta > 0:
-            raise ConfigError("--parallel fsdp with a KL reference (beta > 0) is not supported yet (the reference "
-                              "weights are swapped into whole tensors); use --parallel ddp")
         half = precision.compute if precision.mixed and self.device.startswith("cuda") else None
         self.wrap(model, cfg.block_path, half)
         log(f"{self.world} processes, {self.method} ({self.note})")
@@ -286,6 +284,29 @@ class Parallel:
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
             norm = norm.full_tensor()
         return float(norm)
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module, weights: dict):
+        """`model` with the KL reference's trainable tensors (`weights`, `copy_trainable` of the wrapped model:
+        this rank's shards under FSDP) inside, for a forward under no_grad. One process and DDP: the tensors
+        swapped in (`swap_weights`). FSDP: the shards copied into the sharded parameters and back after, with
+        every unit gathered inside (`full_weights`), so the reference is never held whole."""
+        if self.method != "fsdp":
+            with swap_weights(model, weights):
+                yield model
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            current = {name: params[name].detach().clone() for name in weights}
+            for name, w in weights.items():
+                params[name].copy_(w)
+        try:
+            with self.full_weights(model):
+                yield model
+        finally:
+            with torch.no_grad():
+                for name, w in current.items():
+                    params[name].copy_(w)
 
     @contextlib.contextmanager
     def full_weights(self, model: nn.Module):

@@ -33,7 +33,6 @@ from onelayer.models.layers import (
     frozen_unchanged,
     param_groups,
     select_layers,
-    swap_weights,
     trainable_parameters,
 )
 from onelayer.models.prefix import reuse_block
@@ -159,12 +158,13 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         forward = forward_path(model)  # lean, or the model's own with the reason
     log(f"precision: {precision.describe()}; forward: {forward}")
     fingerprint = fingerprint_frozen(model)
-    ref_weights = copy_trainable(model) if algo["beta"] > 0 else None  # one copy of the trainable blocks only
     # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
     # are computed once per batch (captured during the rollout) and every later forward starts at block l
     reuse_at = reuse_block(model, cfg.block_path) if cfg.prefix_reuse else None
     if dp.active:  # DDP or FSDP around the policy: its layers are selected, no training forward has run yet
         forward, reuse_at = dp.parallelize(model, cfg, precision, forward, reuse_at, beta=algo["beta"], log=log)
+    # one copy of the trainable blocks only (under FSDP this rank's shards of them)
+    ref_weights = copy_trainable(model) if algo["beta"] > 0 else None
     if reuse_at is not None:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
     sampler = rollout_sampler(cfg, model, tok, source, out)
@@ -257,7 +257,7 @@ def rl_step(s: RunState, step: int) -> dict:
 
     ref_logp = None
     if s.ref_weights is not None:
-        with torch.no_grad(), swap_weights(s.model, s.ref_weights):
+        with torch.no_grad(), s.dp.reference(s.model, s.ref_weights):
             ref_logp = logprobs(slice(None))
     t3 = time.perf_counter()
 
