@@ -10,13 +10,21 @@ processes. The loop asks a `Parallel` (from `init`) for the few things that diff
 - `wrap(model)`: DDP (gradients averaged in the backward) or FSDP2 (`fully_shard` on each decoder block,
   then the root, so tied embeddings stay in one unit);
 - `forward(fn)`: the differentiable forward, through DDP's wrapper when DDP runs;
+- `minibatches`: the one-process minibatches of the whole step's rows (one permutation, drawn by rank 0),
+  each rank running its own rows of each;
 - `denominator`, `backward`, `loss_stats`: the loss normaliser is the whole minibatch's (summed over ranks)
   and the loss is scaled by N before the gradient average, so the N-process gradient is the one-process
   gradient of the same global batch;
 - `full_weights(model)`: FSDP's weights gathered for a rollout or an eval, with no collective inside (ranks
   may run different numbers of decode steps);
-- `scores`, `save_checkpoint` / `load_checkpoint` (`torch.distributed.checkpoint`), `full_state_dict`,
-  `main` (rank 0 writes the run directory's files) and `barrier`.
+- `reference(model, weights)`: the KL reference's weights in the model for its forward (FSDP: this rank's
+  shards of them copied in, then gathered);
+- `scores` (a check's or an eval's, the same list on every rank), `save_checkpoint` / `load_checkpoint`
+  (`torch.distributed.checkpoint`), `full_state_dict`, `main` (rank 0 writes the run directory's files,
+  the best check's weights included), `barrier` and `close`.
+
+A process torchrun started leaves through `run_and_leave` (`os._exit` with the command's status once its
+outputs are flushed), so a library thread stuck in the interpreter's teardown cannot hang a finished job.
 
 One process (no torchrun environment) is `Parallel()`: every call is the identity or a no-op, and the
 one-process run computes exactly what it did before.
@@ -64,9 +72,6 @@ def check(cfg, world: int, device: str) -> None:
     if cfg.prompts_per_step is not None and cfg.prompts_per_step % world:
         raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} does not divide by --nproc {world}: each process "
                           "rolls out whole groups of an equal share of the prompts")
-    if cfg.check_every:
-        raise ConfigError(f"check_every with --nproc {world} is not supported yet (the best check's weights are kept "
-                          "by one process); run with --nproc 1 or --check-every 0")
     if cfg.rollout_backend != "hf":
         raise ConfigError(f"rollout_backend {cfg.rollout_backend} with --nproc {world} is not supported; use --nproc 1")
 

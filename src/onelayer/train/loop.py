@@ -197,7 +197,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     keeper, check_items = None, []
     if cfg.check_every and optimizer is not None:
         train_items, check_items = holdout(train_items, cfg.check_items)
-        keeper = BestKeeper(out)
+        keeper = BestKeeper(out, parallel=dp)
     history = read_jsonl(out / "metrics.jsonl")  # every step's metrics so far, for the collapse guard
     rule = CollapseRule(window=cfg.collapse_window, fraction=cfg.collapse_fraction, patience=cfg.collapse_window)
     state = RunState(
