@@ -31,8 +31,9 @@ def _f(default, doc: str, **meta):
     """A documented field (REQUIRED: no default, a required flag). Metadata read by --help, the flags and the
     trainer: default_doc (the default in words, instead of None or []), task_default (None means the task's
     suggestion, else this), choices and aliases (accepted names; old ones mapped onto them), resume_free,
-    flag, metavar, negatable=False (--x only, no --no-x), repeat (a list flag given once per item) and
-    no_doc (the help of a true/false/list field's --no-x)."""
+    identity (resume-free, yet in the config hash when not the default: `identity_keys`), flag, metavar,
+    negatable=False (--x only, no --no-x), repeat (a list flag given once per item) and no_doc (the help
+    of a true/false/list field's --no-x)."""
     meta = {"doc": doc, **meta}
     if default is REQUIRED:
         return field(metadata=meta)
@@ -127,7 +128,8 @@ class TrainConfig:
                                       "(the C library's default)", choices=("retain", "system"), resume_free=True)
     # one job on several processes (onelayer.train.distributed)
     nproc: int = _f(1, "processes for this one job: onelayer train launches them with torchrun (under torchrun "
-                       "its --nproc-per-node counts); prompts_per_step must divide by it", resume_free=True)
+                       "its --nproc-per-node counts); prompts_per_step must divide by it", resume_free=True,
+                identity=True)
     parallel: str = _f("auto", "with several processes: ddp (replicated weights, gradients all-reduced), fsdp "
                                "(FSDP2: weights, gradients and AdamW state sharded) or auto (fsdp when the model "
                                "plus AdamW state would not fit one device by the planner's estimate, else ddp)",
@@ -144,6 +146,13 @@ def resume_free_keys(cls=TrainConfig) -> frozenset[str]:
     """Settings that may differ when a killed run is resumed (marked `resume_free` on their field): they
     change how the run is watched or how fast it goes, not its result beyond float rounding."""
     return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume_free"))
+
+
+def identity_keys(cls=TrainConfig) -> frozenset[str]:
+    """Resume-free settings that are still part of what a job is (marked `identity`): `nproc`, since each
+    process samples its rollouts from its own stream. A killed run may resume with another value, but a
+    finished run of one value is not the job of another (`rundir.config_hash` counts them unless default)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity"))
 
 
 def task_defaults(cls=TrainConfig) -> dict:

@@ -17,6 +17,7 @@ and `recipes.csv` gets one row per recipe (`analysis.recipes`).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,10 @@ def recipe_jobs(seeds: list, condition: str, train: dict, recipes_: list[Recipe]
     return jobs, names
 
 
-def reuse_finished(jobs: list[Job], sources: list[Path], out: Path, log=print) -> int:
+def reuse_finished(jobs: list[Job], sources: list[Path], out: Path, log=print, nproc: int = 1) -> int:
     """Copy jobs another store already finished with the same config (the job id ends in its config hash)
-    into the recipe store, instead of rerunning them."""
+    into the recipe store, instead of rerunning them. `nproc`: the processes each job runs on here (a job's
+    config hash counts them when more than one, so a run on another count is not the same job)."""
     from onelayer import rundir
 
     copied = 0
@@ -119,7 +121,7 @@ def reuse_finished(jobs: list[Job], sources: list[Path], out: Path, log=print) -
             continue
         suffix = job.id.rsplit("-", 1)[-1]
         have = next((d for src in sources for d in sorted((Path(src) / "jobs").glob(f"*-s{job.seed}-{suffix}"))
-                     if rundir.is_done(d) and _same_config(d, job)), None)
+                     if rundir.is_done(d) and _same_config(d, job, nproc)), None)
         if have is not None:
             shutil.copytree(have, want, ignore=shutil.ignore_patterns("checkpoint", "best", "model"))
             copied += 1
@@ -128,8 +130,9 @@ def reuse_finished(jobs: list[Job], sources: list[Path], out: Path, log=print) -
     return copied
 
 
-def _same_config(path: Path, job: Job) -> bool:
-    return (path / "config.json").is_file() and read_json(path / "config.json").get("config_hash") == config_hash(job.config)
+def _same_config(path: Path, job: Job, nproc: int = 1) -> bool:
+    want = config_hash(dataclasses.replace(job.config, nproc=nproc))
+    return (path / "config.json").is_file() and read_json(path / "config.json").get("config_hash") == want
 
 
 def run_recipe_jobs(recipes_: list[Recipe], seeds: list, condition: str, train: dict, out: Path, run,
@@ -147,7 +150,7 @@ def run_recipe_jobs(recipes_: list[Recipe], seeds: list, condition: str, train: 
         "recipes": [r.__dict__ for r in recipes_],
         "jobs": [{"id": j.id, "condition": j.condition, "layers": j.layers, "seed": j.seed,
                   "recipe": names[j.id]} for j in jobs]})
-    reuse_finished(jobs, sources, out, log)
+    reuse_finished(jobs, sources, out, log, nproc=run.procs_per_job)
     _run_jobs(jobs, out, executor=run.executor, workers=run.workers, retry_failed=run.retry_failed, log=log,
               progress=True, address=run.address, num_cpus=run.num_cpus_per_job, num_gpus=run.num_gpus_per_job,
               max_retries=run.max_retries, procs_per_job=run.procs_per_job)

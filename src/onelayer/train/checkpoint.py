@@ -7,6 +7,9 @@ place, so a run killed mid-save keeps its previous checkpoint intact.
 One process writes safetensors and `optimizer.pt`. Several processes (`train.distributed`) write one
 sharded checkpoint with `torch.distributed.checkpoint` (each rank its shards, addressed by parameter
 name), which any number of processes, one included, can load: a killed job resumes on another count.
+The train-split check's best weights (`train.selection`) are one safetensors file on any count:
+`save_trainable` and `load_trainable` take the job's `Parallel`, rank 0 writing whole tensors (gathered
+under FSDP) and every rank loading them (keeping its shards under FSDP).
 """
 
 from __future__ import annotations
@@ -20,13 +23,27 @@ from safetensors.torch import load_file, save_file
 from onelayer.io import atomic_write_json, read_json, replace_dir
 
 
-def save_trainable(path: Path, model) -> None:
-    """The trainable tensors of `model` to one safetensors file."""
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}, path)
+def save_trainable(path: Path, model, parallel=None) -> None:
+    """The trainable tensors of `model` to one safetensors file. Under `parallel` every rank calls it and rank 0
+    writes (under FSDP the tensors gathered whole first, every rank taking part)."""
+    tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # a tied head once
+    if parallel is not None and parallel.method == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        whole = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+        tensors = {n: whole[n] for n in tensors if n in whole}  # rank 0's; the other ranks' are empty
+    if parallel is None or parallel.main:
+        save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, path)
 
 
-def load_trainable(path: Path, model) -> None:
-    """Copy the tensors saved by `save_trainable` back into `model`'s parameters."""
+def load_trainable(path: Path, model, parallel=None) -> None:
+    """Copy the tensors saved by `save_trainable` back into `model`'s parameters (every rank reads the file;
+    under FSDP each keeps its shards of them)."""
+    if parallel is not None and parallel.method == "fsdp":
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, load_file(path), options=_options(full_state_dict=True, strict=False))
+        return
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in load_file(path).items():

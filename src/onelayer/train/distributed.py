@@ -10,13 +10,21 @@ processes. The loop asks a `Parallel` (from `init`) for the few things that diff
 - `wrap(model)`: DDP (gradients averaged in the backward) or FSDP2 (`fully_shard` on each decoder block,
   then the root, so tied embeddings stay in one unit);
 - `forward(fn)`: the differentiable forward, through DDP's wrapper when DDP runs;
+- `minibatches`: the one-process minibatches of the whole step's rows (one permutation, drawn by rank 0),
+  each rank running its own rows of each;
 - `denominator`, `backward`, `loss_stats`: the loss normaliser is the whole minibatch's (summed over ranks)
   and the loss is scaled by N before the gradient average, so the N-process gradient is the one-process
   gradient of the same global batch;
 - `full_weights(model)`: FSDP's weights gathered for a rollout or an eval, with no collective inside (ranks
   may run different numbers of decode steps);
-- `scores`, `save_checkpoint` / `load_checkpoint` (`torch.distributed.checkpoint`), `full_state_dict`,
-  `main` (rank 0 writes the run directory's files) and `barrier`.
+- `reference(model, weights)`: the KL reference's weights in the model for its forward (FSDP: this rank's
+  shards of them copied in, then gathered);
+- `scores` (a check's or an eval's, the same list on every rank), `save_checkpoint` / `load_checkpoint`
+  (`torch.distributed.checkpoint`), `full_state_dict`, `main` (rank 0 writes the run directory's files,
+  the best check's weights included), `barrier` and `close`.
+
+A process torchrun started leaves through `run_and_leave` (`os._exit` with the command's status once its
+outputs are flushed), so a library thread stuck in the interpreter's teardown cannot hang a finished job.
 
 One process (no torchrun environment) is `Parallel()`: every call is the identity or a no-op, and the
 one-process run computes exactly what it did before.
@@ -26,11 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import inspect
+import logging
 import math
 import os
 import subprocess
 import sys
+import traceback
+import typing
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onelayer.config import ConfigError
+from onelayer.models.layers import swap_weights
 
 PARALLEL = ("auto", "ddp", "fsdp")
 # rank r > 0 samples from seed + r * _RANK_STRIDE: apart from every (seed, step) stream of rank 0
@@ -59,12 +72,6 @@ def check(cfg, world: int, device: str) -> None:
     if cfg.prompts_per_step is not None and cfg.prompts_per_step % world:
         raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} does not divide by --nproc {world}: each process "
                           "rolls out whole groups of an equal share of the prompts")
-    if cfg.mini_batch_size is not None and cfg.mini_batch_size % world:
-        raise ConfigError(f"mini_batch_size {cfg.mini_batch_size} does not divide by --nproc {world}: each optimizer "
-                          "step takes an equal share from every process")
-    if cfg.check_every:
-        raise ConfigError(f"check_every with --nproc {world} is not supported yet (the best check's weights are kept "
-                          "by one process); run with --nproc 1 or --check-every 0")
     if cfg.rollout_backend != "hf":
         raise ConfigError(f"rollout_backend {cfg.rollout_backend} with --nproc {world} is not supported; use --nproc 1")
 
@@ -194,9 +201,6 @@ class Parallel:
 
         self.method, self.note = choose_method(cfg.parallel, training_state_bytes(model, beta),
                                                device_memory(self.device, self.world))
-        if self.method == "fsdp" and beta > 0:
-            raise ConfigError("--parallel fsdp with a KL reference (beta > 0) is not supported yet (the reference "
-                              "weights are swapped into whole tensors); use --parallel ddp")
         half = precision.compute if precision.mixed and self.device.startswith("cuda") else None
         self.wrap(model, cfg.block_path, half)
         log(f"{self.world} processes, {self.method} ({self.note})")
@@ -243,15 +247,18 @@ class Parallel:
         ddp = self._ddp
         return lambda *args: ddp(fn, *args)
 
-    def minibatches(self, perm: torch.Tensor, size: int | None) -> tuple:
-        """The update's minibatches of this rank's rows (`size`: completions per optimizer step, global): every
-        rank runs the same number of optimizer steps, each with a 1/N share of the global minibatch."""
+    def minibatches(self, rows: int, size: int | None, generator: torch.Generator) -> list[torch.Tensor]:
+        """One pass's minibatches of this rank's `rows` rows (`size`: rows per optimizer step, None: all of them),
+        as local row indices. One process: a random permutation of the rows, split. Several: the same of the
+        whole step's rows (rank 0 draws it with its generator, every rank gets it), each rank keeping its own
+        rows of each minibatch, so the minibatches are the one-process ones of the same global batch; a rank may
+        hold none of a minibatch's rows (an empty index: the update still takes part in its collectives)."""
         if not self.active:
-            return perm.split(size or len(perm))
-        local = size // self.world if size else len(perm)
-        count = torch.tensor([math.ceil(len(perm) / max(local, 1))], dtype=torch.long)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return perm.tensor_split(int(count))
+            return list(torch.randperm(rows, generator=generator).split(size or rows))
+        counts = self._gather(rows)
+        start, total = sum(counts[:self.rank]), sum(counts)
+        perm = self.broadcast(torch.randperm(total, generator=generator) if self.main else None)
+        return [mine[(mine >= start) & (mine < start + rows)] - start for mine in perm.split(size or total)]
 
     def denominator(self, local: torch.Tensor) -> torch.Tensor | None:
         """The loss normaliser of the whole minibatch (summed over ranks); None on one process (the local one)."""
@@ -282,6 +289,29 @@ class Parallel:
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
             norm = norm.full_tensor()
         return float(norm)
+
+    @contextlib.contextmanager
+    def reference(self, model: nn.Module, weights: dict):
+        """`model` with the KL reference's trainable tensors (`weights`, `copy_trainable` of the wrapped model:
+        this rank's shards under FSDP) inside, for a forward under no_grad. One process and DDP: the tensors
+        swapped in (`swap_weights`). FSDP: the shards copied into the sharded parameters and back after, with
+        every unit gathered inside (`full_weights`), so the reference is never held whole."""
+        if self.method != "fsdp":
+            with swap_weights(model, weights):
+                yield model
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            current = {name: params[name].detach().clone() for name in weights}
+            for name, w in weights.items():
+                params[name].copy_(w)
+        try:
+            with self.full_weights(model):
+                yield model
+        finally:
+            with torch.no_grad():
+                for name, w in current.items():
+                    params[name].copy_(w)
 
     @contextlib.contextmanager
     def full_weights(self, model: nn.Module):
@@ -356,8 +386,14 @@ class Parallel:
             dist.barrier()
 
     def close(self) -> None:
+        """The end of a finished job: a barrier, then the process group destroyed. DDP's reducer is freed first,
+        while the group lives on: freeing it holds the GIL, and when it held the group's last reference the
+        group's destructor waited for gloo's worker thread, itself waiting for the GIL to free a finished
+        collective's tensors (a worker hung there after its job was done)."""
         if self.active and dist.is_initialized():
             dist.barrier()
+            self._ddp = None
+            gc.collect()  # the DDP module's reference cycles, with its reducer
             dist.destroy_process_group()
 
     def _gather(self, obj) -> list:
@@ -393,6 +429,34 @@ def precheck(cfg, out) -> None:
 
     rundir.check_resumable(cfg, Path(out))
     check(with_task_defaults(cfg, tasks.make(cfg.task, **cfg.task_opts)), cfg.nproc, resolve_device(cfg.device))
+
+
+def run_and_leave(main) -> typing.NoReturn:
+    """Run `main()` (a command's entry, returning its exit status) as one process of a torchrun job and `leave`
+    with that status: a SystemExit's, or 1 for an uncaught exception (its traceback printed first)."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - reported here: the process leaves without Python's own handler
+        traceback.print_exc()
+        code = 1
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what SystemExit("message") prints
+        code = 1
+    leave(code or 0)
+
+
+def leave(code: int) -> typing.NoReturn:
+    """End this process with `code` through `os._exit`, stdout, stderr and logging flushed first. A finished job
+    has written its run directory and destroyed its process group (`Parallel.close`) by then; leaving without
+    the interpreter's teardown means no thread a library left behind (gloo's) can hang the process, and with
+    it the job."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def launch(argv: list[str], nproc: int) -> int:

@@ -33,7 +33,6 @@ from onelayer.models.layers import (
     frozen_unchanged,
     param_groups,
     select_layers,
-    swap_weights,
     trainable_parameters,
 )
 from onelayer.models.prefix import reuse_block
@@ -140,7 +139,8 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     task = tasks.make(cfg.task, **cfg.task_opts)
     user_cfg, cfg = cfg, with_task_defaults(cfg, task)  # unset settings take the task's suggestions
     check_parallel(cfg, dp.world, device)
-    cfg = dataclasses.replace(cfg, nproc=dp.world)  # as run (torchrun's count); resume-free, not in the hash
+    # as run (torchrun's count): resume-free, in the config hash when > 1 (`rundir.config_hash`)
+    user_cfg, cfg = (dataclasses.replace(c, nproc=dp.world) for c in (user_cfg, cfg))
     algo = resolve_algo(cfg)
     check_backend(cfg)
     model, tok, source = load_model(cfg, task, cfg.max_completion_length, device, log)
@@ -159,12 +159,13 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         forward = forward_path(model)  # lean, or the model's own with the reason
     log(f"precision: {precision.describe()}; forward: {forward}; CPU memory: {allocator.note()}")
     fingerprint = fingerprint_frozen(model)
-    ref_weights = copy_trainable(model) if algo["beta"] > 0 else None  # one copy of the trainable blocks only
     # frozen-prefix reuse: with blocks 0..l-1 and the embeddings frozen, the hidden states entering block l
     # are computed once per batch (captured during the rollout) and every later forward starts at block l
     reuse_at = reuse_block(model, cfg.block_path) if cfg.prefix_reuse else None
     if dp.active:  # DDP or FSDP around the policy: its layers are selected, no training forward has run yet
         forward, reuse_at = dp.parallelize(model, cfg, precision, forward, reuse_at, beta=algo["beta"], log=log)
+    # one copy of the trainable blocks only (under FSDP this rank's shards of them)
+    ref_weights = copy_trainable(model) if algo["beta"] > 0 else None
     if reuse_at is not None:
         log(f"frozen-prefix reuse: log-prob and update forwards start at block {reuse_at}")
     sampler = rollout_sampler(cfg, model, tok, source, out)
@@ -180,9 +181,9 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         "advantage": algo["advantage"], "model_source": str(source), "layer_indices": selection.indices,
         "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
         "total_params": selection.total_params, "task_options": task.options,
-        "config_hash": rundir.config_hash(user_cfg), "precision": precision.describe(), "forward": forward,
-        "cpu_allocator": allocator.note(),
-        "block_lr": block_lr, **({"parallel": dp.describe()} if dp.active else {})})
+        "config_hash": rundir.config_hash(user_cfg), "resume_hash": rundir.resume_hash(user_cfg),
+        "precision": precision.describe(), "forward": forward, "cpu_allocator": allocator.note(), "block_lr": block_lr,
+        **({"parallel": dp.describe()} if dp.active else {})})
         rundir.set_status(out, "running")
 
     start_step = 0
@@ -197,7 +198,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
     keeper, check_items = None, []
     if cfg.check_every and optimizer is not None:
         train_items, check_items = holdout(train_items, cfg.check_items)
-        keeper = BestKeeper(out)
+        keeper = BestKeeper(out, parallel=dp)
     history = read_jsonl(out / "metrics.jsonl")  # every step's metrics so far, for the collapse guard
     rule = CollapseRule(window=cfg.collapse_window, fraction=cfg.collapse_fraction, patience=cfg.collapse_window)
     state = RunState(
@@ -257,7 +258,7 @@ def rl_step(s: RunState, step: int) -> dict:
 
     ref_logp = None
     if s.ref_weights is not None:
-        with torch.no_grad(), swap_weights(s.model, s.ref_weights):
+        with torch.no_grad(), s.dp.reference(s.model, s.ref_weights):
             ref_logp = logprobs(slice(None))
     t3 = time.perf_counter()
 

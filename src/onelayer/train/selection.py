@@ -10,6 +10,8 @@ ones. The eval split stays untouched by the choice, so the final eval score is n
 On disk (so a killed run resumes with its checks): ``checks.json`` holds every check so far and
 ``best/`` the best weights (trainable tensors only) with their step and score. The trainer saves its
 checkpoint before each check, so a resumed run never lacks the weights of a check it has recorded.
+In a job over several processes the check's items are split over them (greedy single-turn scoring) or
+scored by rank 0 (agent episodes), and every rank gets the same score, so all keep the same best.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ def is_check_step(step: int, every: int, max_steps: int) -> bool:
 
 
 class BestKeeper:
-    """The checks of one run and the weights of its best one, kept under `out`."""
+    """The checks of one run and the weights of its best one, kept under `out`. A job over several processes
+    (`parallel`, `train.distributed`) has one in every rank, each recording the same scores (the check's are
+    the whole job's): rank 0 writes the files (the weights gathered whole under FSDP), every rank restores."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, parallel=None):
+        self.parallel = parallel
+        self.main = parallel is None or parallel.main
         self.checks_path, self.best_dir = out / "checks.json", out / "best"
         self.checks: list[dict] = read_json(self.checks_path) if self.checks_path.is_file() else []
         state = self.best_dir / "state.json"
@@ -48,15 +54,20 @@ class BestKeeper:
         improved = self.best is None or score > self.best["score"] or self.best["step"] == step
         if improved:
             tmp = self.best_dir.with_name(self.best_dir.name + ".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            save_trainable(tmp / "trainable.safetensors", model)
+            if self.main:
+                tmp.mkdir(parents=True, exist_ok=True)
+            save_trainable(tmp / "trainable.safetensors", model, self.parallel)
             self.best = {"step": step, "score": score}
-            atomic_write_json(tmp / "state.json", self.best)
-            replace_dir(tmp, self.best_dir)
+            if self.main:
+                atomic_write_json(tmp / "state.json", self.best)
+                replace_dir(tmp, self.best_dir)
         self.checks = [c for c in self.checks if c["step"] != step] + [{"step": step, "score": score}]
-        atomic_write_json(self.checks_path, self.checks)
+        if self.main:
+            atomic_write_json(self.checks_path, self.checks)
+        if self.parallel is not None:
+            self.parallel.barrier()  # best/ is whole before any rank may read it
         return improved
 
     def restore(self, model) -> None:
         """Put the best check's trainable tensors back into `model`."""
-        load_trainable(self.best_dir / "trainable.safetensors", model)
+        load_trainable(self.best_dir / "trainable.safetensors", model, self.parallel)

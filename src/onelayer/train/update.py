@@ -1,6 +1,7 @@
 """The policy update of one RL step: `num_iterations` passes of the clipped policy-gradient loss over
 minibatches of the step's rows, duplicates merged, gradients clipped, AdamW stepped. With several processes
-(`train.distributed`) each minibatch is split over them and its loss normalised by the whole minibatch."""
+(`train.distributed`) the minibatches are those of the whole step's rows, each process running its own rows
+of each, and every loss is normalised by the whole minibatch."""
 
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
 
 def merged_rows(batch, advantages, idx, merge: bool):
     """The rows of minibatch `idx` the update runs, their weights and advantages: duplicates merged
-    (``algos.merge_duplicate_rows``) when `merge` and the advantages are per row, else all of them."""
+    (``algos.merge_duplicate_rows``) when `merge` and the advantages are per row, else all of them. No rows
+    (a process holding none of a minibatch's rows): row 0 at weight 0, a forward and backward that add
+    nothing to the loss, its statistics or the gradient, but take part in the collectives."""
+    if not len(idx):
+        return torch.zeros(1, dtype=torch.long), torch.zeros(1, device=advantages.device), advantages[:1]
     if not merge or advantages.dim() != 1:
         return idx, None, advantages[idx]
     keys = torch.cat([batch.input_ids[idx], batch.attention_mask[idx], batch.completion_mask[idx].long()], 1)
@@ -43,9 +48,9 @@ def update(cfg, optimizer, params, batch, advantages, logprobs, ref_logp, *, los
     stats_sum: dict[str, float] = {}
     updates, grad_norm, rows_run = 0, 0.0, 0
     for _ in range(cfg.num_iterations):
-        for idx in par.minibatches(torch.randperm(n, generator=generator), cfg.mini_batch_size):
-            idx, weights, adv = merged_rows(batch, advantages, idx, cfg.merge_duplicates)
-            rows_run += len(idx)
+        for mine in par.minibatches(n, cfg.mini_batch_size, generator):
+            idx, weights, adv = merged_rows(batch, advantages, mine, cfg.merge_duplicates)
+            rows_run += len(idx) if len(mine) else 0  # not the placeholder row of an empty share
             mask = batch.completion_mask[idx]
             loss, stats = policy_loss(
                 logprobs(idx), batch.logprobs[idx], adv, mask,
