@@ -82,7 +82,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         "phases_s": {p[:-2]: [r[p] for r in rows] for p in phases},
         "completion_len": [r["completion_len"] for r in rows],
         "page_faults": [r.get("page_faults", 0) for r in rows],
-        "cpu_allocator": record.get("cpu_allocator"),
+        "cpu_memory": record.get("cpu_memory"),
         "optimizer_bytes": rows[-1]["optimizer_bytes"],
         "trainable_params": record["trainable_params"],
         "peak_memory_bytes": _peak_memory_bytes(device),
@@ -161,7 +161,7 @@ def _trl_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
     return {
         "step_s": times[spec.warmup:],
         "completion_len": lengths[spec.warmup:],
-        "page_faults": faults[spec.warmup:], "cpu_allocator": allocator.note(),
+        "page_faults": faults[spec.warmup:], "cpu_memory": allocator.note(),
         "phases_s": {"generate_and_score": generate_s[spec.warmup:]} if generate_s[spec.warmup:] else {},
         "optimizer_bytes": opt_bytes[-1] if opt_bytes else 0, "trainable_params": sel.trainable_params,
         "peak_memory_bytes": _peak_memory_bytes(device),

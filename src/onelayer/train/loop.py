@@ -182,7 +182,7 @@ def setup(cfg: TrainConfig, out: Path, log=print) -> RunState:
         "num_layers": selection.num_layers, "trainable_params": selection.trainable_params,
         "total_params": selection.total_params, "task_options": task.options,
         "config_hash": rundir.config_hash(user_cfg), "resume_hash": rundir.resume_hash(user_cfg),
-        "precision": precision.describe(), "forward": forward, "cpu_allocator": allocator.note(), "block_lr": block_lr,
+        "precision": precision.describe(), "forward": forward, "cpu_memory": allocator.note(), "block_lr": block_lr,
         **({"parallel": dp.describe()} if dp.active else {})})
         rundir.set_status(out, "running")
 
@@ -390,7 +390,7 @@ def _record(s: RunState, scores: list[float], selected: int, answers: list[str] 
         "base_score": _mean(base), "base_ci95": bootstrap_ci(base),
         "gain": _mean(scores) - _mean(base), "gain_ci95": paired_bootstrap_ci(scores, base),
         "frozen_unchanged": unchanged, "frozen_changed": changed, "cpu_kernels": kernels.choices(),
-        "decode_step": fused.choices(), "cpu_allocator": allocator.note(),
+        "decode_step": fused.choices(), "cpu_memory": allocator.note(),
         "collapsed": s.collapse is not None, "collapse": s.collapse,
         "warm_start": warm_start_info(s.source) if (Path(str(s.source)) / "warmstart.json").is_file() else None,
         "steps": cfg.max_steps if s.optimizer is not None else 0, "train_seconds": round(s.elapsed, 2),
