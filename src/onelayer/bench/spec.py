@@ -36,7 +36,6 @@ class BenchSpec:
     warmup: int = 2
     threads: int | None = None
     seed: int = 0
-    cpu_allocator: str = "retain"  # onelayer's `cpu_allocator` (onelayer.train.allocator)
     trl_allocator: str = "system"  # TRL as it ships; "retain" gives its process onelayer's allocator setting
 
 

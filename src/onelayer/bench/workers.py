@@ -69,7 +69,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         num_generations=spec.num_generations, max_completion_length=spec.max_new_tokens,
         learning_rate=spec.learning_rate, beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0,
         max_steps=spec.warmup + spec.steps, save_every=10**9, save_model=False, progress=False,
-        threads=spec.threads, seed=spec.seed, device=device, cpu_allocator=spec.cpu_allocator,
+        threads=spec.threads, seed=spec.seed, device=device,
     )
     with _run_dir() as out:
         record = run(cfg, out, log=lambda *_: None)

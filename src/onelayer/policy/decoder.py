@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from onelayer.policy import fused, kernels
+from onelayer.policy import fused
 from onelayer.policy.ops import _eps, _use_onednn, linear
 
 
@@ -61,7 +61,6 @@ class LeanDecoder:
         self.captured = (torch.zeros(batch, max_len, cfg.hidden_size, dtype=self.dtype, device=self.device)
                          if capture is not None else None)
         self.fused = fused.for_decoder(self)  # the compiled one-token step, where it may serve (policy.fused)
-        self._use_fused: dict[int, bool] = {}  # per batch-size band: whether it serves
 
     def _fold(self, weights, norm) -> dict:
         """One projection from `norm`'s output through `weights` [(W, b), …] (concatenated and with the norm
@@ -140,13 +139,8 @@ class LeanDecoder:
         attend to slots 0..start+S-1 under the bool `mask` [B, 1, S, start+S] (None: all). `rows` maps the
         batch rows to rows of `captured`. Returns the logits of the last position, [B, V]. One-token steps
         go to the compiled step where it was checked and measured faster (`policy.fused`)."""
-        B, S = ids.shape
-        if S == 1 and self.fused is not None:
-            band = kernels._bucket(B)
-            if band not in self._use_fused:
-                self._use_fused[band] = fused.decide(self.fused, self._forward, ids, positions, start, mask, rows)
-            if self._use_fused[band]:
-                return self.fused(ids, positions, start, mask, rows)
+        if ids.shape[1] == 1 and self.fused is not None and self.fused.serves(self._forward, ids, positions, start, mask, rows):
+            return self.fused(ids, positions, start, mask, rows)
         return self._forward(ids, positions, start, mask, rows)
 
     def _forward(self, ids, positions, start, mask, rows=None) -> torch.Tensor:

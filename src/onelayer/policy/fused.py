@@ -96,16 +96,29 @@ class FusedStep:
         self.head_w, self.head_b = dec.head["w"][0], bias(dec.head["b"])
         self.eps = L[0]["qkv"]["eps"]
         self.qeps = L[0]["qk_norm"][1] if L[0]["qk_norm"] is not None else 1e-6
+        self._flags: dict[int, list[bool]] = {}  # per batch size: the matmuls' kernels
+        self._serves: dict[int, bool] = {}  # per batch-size band: whether this step serves (`decide`)
         H = self.qkv_w[0].shape[1]
         self.shape = (f"H{H}-I{self.d_w[0].shape[1]}-h{dec.heads}-kv{dec.kv_heads}-d{dec.head_dim}-L{len(L)}"
                       f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}")
 
     def _kernels(self, B: int) -> list[bool]:
-        from onelayer.policy.ops import _use_onednn
+        """Whether each of the qkv, o, gate/up, down and head matmuls runs on oneDNN at B rows (the Python
+        step's choices), worked out once per batch size."""
+        if B not in self._flags:
+            from onelayer.policy.ops import _use_onednn
 
-        x, inner = torch.empty(B, self.qkv_w[0].shape[1]), torch.empty(B, self.d_w[0].shape[1])
-        return [_use_onednn(x, self.qkv_w[0]), _use_onednn(torch.empty(B, self.o_w[0].shape[1]), self.o_w[0]),
-                _use_onednn(x, self.gu_w[0]), _use_onednn(inner, self.d_w[0]), _use_onednn(x, self.head_w)]
+            x, inner = torch.empty(B, self.qkv_w[0].shape[1]), torch.empty(B, self.d_w[0].shape[1])
+            self._flags[B] = [_use_onednn(x, self.qkv_w[0]), _use_onednn(torch.empty(B, self.o_w[0].shape[1]), self.o_w[0]),
+                              _use_onednn(x, self.gu_w[0]), _use_onednn(inner, self.d_w[0]), _use_onednn(x, self.head_w)]
+        return self._flags[B]
+
+    def serves(self, python, ids, positions, start, mask, rows) -> bool:
+        """Whether this step serves a one-token step of `ids`' batch size (`decide`, once per band)."""
+        band = kernels._bucket(ids.shape[0])
+        if band not in self._serves:
+            self._serves[band] = decide(self, python, ids, positions, start, mask, rows)
+        return self._serves[band]
 
     def __call__(self, ids, positions, start, mask, rows):
         dec, B = self.dec, ids.shape[0]
