@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import kill_seed, poll_until
+from onelayer.policy import fused_ops, kernels
 from onelayer.rollout import RolloutBatch, left_pad, sample
 
 # two update passes: the second one's ratios differ from 1, so its losses are not ~0 as a first pass's are
@@ -74,22 +75,31 @@ def digits_task(**options):
 
 def run_tiny(settings: dict, out: str, lean: bool = True) -> dict:
     """One process of a tiny run (or the whole of a one-process one) with the per-prompt sampler; `lean=False`:
-    the model's own forward everywhere, as under FSDP (whose hooks rule the lean paths out). The patches are
-    undone afterwards (the one-process runs share pytest's process)."""
+    the model's own forward everywhere, as under FSDP (whose hooks rule the lean paths out). One matmul kernel and
+    the compiled training ops in every process: both are chosen per token band by measuring, one process's band is
+    not two's, and the choices agree to float rounding only, which AdamW at this rate grows past 1e-5 on the
+    weights. The patches are undone afterwards (the one-process runs share pytest's process)."""
     import onelayer.policy.support as support
     import onelayer.train.loop as loop
     from onelayer import tasks
     from onelayer.config import make_config
 
     tasks.register("arith-digits", digits_task)
-    saved = support.lean_support, loop.rollout_sampler
+    forced = {fused_ops.ENV: "on", kernels.ENV: "default"}
+    saved = support.lean_support, loop.rollout_sampler, {k: os.environ.get(k) for k in forced}
+    os.environ.update(forced)
     if not lean:
         support.lean_support = lambda model: "the model's own forward, as under FSDP"
     loop.rollout_sampler = lambda *a, **k: PerPromptSampler()
     try:
         return loop.run(make_config(settings), out, log=lambda *_: None)
     finally:
-        support.lean_support, loop.rollout_sampler = saved
+        support.lean_support, loop.rollout_sampler, modes = saved
+        for key, value in modes.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
 def _worker(rank: int, world: int, port: int, settings: dict, out: str) -> None:

@@ -118,7 +118,7 @@ def test_a_compiled_step_that_differs_is_not_used(module, decided, monkeypatch):
 
 def test_without_a_build_the_python_step_serves(monkeypatch, tmp_path):
     monkeypatch.setattr(fused, "_EXT", {})
-    monkeypatch.setattr(fused, "SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(fused, "SOURCES", (tmp_path / "missing.cpp",))
     assert fused.extension() is None and fused.build_note().startswith("not built (FileNotFoundError")
     model = build("qwen3")
     dec = LeanDecoder(model, 2, 8)

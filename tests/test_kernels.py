@@ -26,7 +26,7 @@ def fresh(monkeypatch, tmp_path):
 def test_choice_is_measured_once_per_shape_kept_and_reused_by_a_later_process(fresh, monkeypatch):
     calls = []
 
-    def fake(m, k, n):  # oneDNN faster on wide shapes, slower on narrow ones, a near-tie on one
+    def fake(m, k, n, transposed=False):  # oneDNN faster on wide shapes, slower on narrow ones, a near-tie on one
         calls.append((m, k, n))
         return {"default": 1.0, "onednn": {512: 0.5, 64: 2.0, 128: 0.97}[n]}
 
@@ -50,18 +50,20 @@ def test_weight_gradient_shapes_are_bucketed_by_their_token_dimension(fresh, mon
     """dW = dY^T X has the batch's tokens as its inner dimension, a new size nearly every step: it must share
     one measurement per band, not time (and store) each size."""
     calls = []
-    monkeypatch.setattr(kernels, "measure", lambda m, k, n: calls.append((m, k, n)) or {"default": 1.0, "onednn": 0.5})
+    monkeypatch.setattr(kernels, "measure", lambda m, k, n, transposed=False: calls.append((m, k, n, transposed))
+                        or {"default": 1.0, "onednn": 0.5})
     for tokens in (1000, 1013, 1024, 777):
         kernels.choose(128, tokens, 512, tokens="k")
-    assert calls == [(128, 1024, 512)]
+    assert calls == [(128, 1024, 512, True)]  # timed on transposed views, as a weight gradient is called
     kernels.choose(128, 1025, 512, tokens="k")
-    assert calls[-1] == (128, 2048, 512) and set(kernels.choices()) == {"128x1024x512", "128x2048x512"}
+    assert calls[-1] == (128, 2048, 512, True) and set(kernels.choices()) == {"128x1024x512xt", "128x2048x512xt"}
 
 
 @needs_onednn
 def test_real_measurement_returns_positive_times(fresh):
-    times = kernels.measure(16, 64, 128)
-    assert set(times) == {"default", "onednn"} and all(t > 0 for t in times.values())
+    for transposed in (False, True):
+        times = kernels.measure(16, 64, 128, transposed=transposed)
+        assert set(times) == {"default", "onednn"} and all(t > 0 for t in times.values())
 
 
 @needs_onednn

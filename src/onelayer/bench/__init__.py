@@ -220,6 +220,13 @@ def _decode_note(decided: dict) -> str:
     return picks[-1] if picks else f"python ({decided.get('build', 'no record')})"
 
 
+def _train_note(decided: dict) -> str:
+    """Which element-wise ops the training forward ran (`policy.fused_ops`) with their measured times."""
+    picks = [f"{v['choice']} (torch {v['torch'] * 1e3:.1f} ms, compiled {v['compiled'] * 1e3:.1f} ms)" if "torch" in v
+             else f"{v['choice']} ({v.get('reason', '')})" for k, v in decided.items() if k.endswith("fwd+bwd")]
+    return picks[-1] if picks else f"torch ({decided.get('build', 'no record')})"
+
+
 def _faults(run: dict) -> str:
     """The run's median minor page faults per timed step (fresh pages the allocator asked the OS for)."""
     faults = run.get("page_faults") or []
@@ -241,7 +248,8 @@ def format_report(result: dict) -> str:
             made = [c["choice"] for c in run.get("cpu_kernels", {}).values()]
             if made:
                 lines.append(f"  onelayer {layers:9s} kernels: {made.count('onednn')} shapes onednn, "
-                             f"{made.count('default')} default; decode step: {_decode_note(run.get('decode_step', {}))}")
+                             f"{made.count('default')} default; decode step: {_decode_note(run.get('decode_step', {}))}; "
+                             f"training ops: {_train_note(run.get('train_ops', {}))}")
         for layers, key in (("all", "full"), ("middle:1", "layer")):
             ph = s[f"onelayer_{key}_phases_s"]
             run = m["runs"][f"onelayer/{layers}"]

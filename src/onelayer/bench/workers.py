@@ -88,6 +88,7 @@ def _onelayer_worker(spec: BenchSpec, model_dir: str, device: str) -> dict:
         "peak_memory_bytes": _peak_memory_bytes(device),
         "cpu_kernels": record.get("cpu_kernels", {}),
         "decode_step": record.get("decode_step", {}),
+        "train_ops": record.get("train_ops", {}),
     }
 
 

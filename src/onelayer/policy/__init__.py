@@ -5,7 +5,10 @@
 - `support`: which models those lean paths reproduce, verified once per model (`forward_path` says which
   forward runs, and why);
 - `ops`: the shared math (masks, positions, RMSNorm, the measured-kernel linear);
-- `kernels`: the CPU matmul kernel chosen per shape by timing both on the running machine.
+- `kernels`: the CPU matmul kernel chosen per shape by timing both on the running machine;
+- `fused`, `fused_ops`: compiled C++ kernels (the decoder's one-token step; the training forward's norms,
+  q/k/v post-processing and SwiGLU with their backward), each used where it is built, checked against the
+  torch ops and measured faster.
 """
 
 from onelayer.policy.forward import lean_sequence_logprobs, sequence_block_input, sequence_logprobs

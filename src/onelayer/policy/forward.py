@@ -14,20 +14,24 @@ import torch
 import torch.nn.functional as F
 
 from onelayer.models import prefix
-from onelayer.policy.ops import _apply, _forward_kwargs, _mask_4d, _norm, causal_allowed, position_ids
+from onelayer.policy import fused_ops
+from onelayer.policy.ops import _apply, _forward_kwargs, _mask_4d, causal_allowed, position_ids
 from onelayer.policy.support import lean_available
 
 
 def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                            prompt_index: torch.Tensor | None = None, *, temperature: float = 1.0,
-                           block_input: torch.Tensor | None = None, block_index: int | None = None) -> torch.Tensor:
+                           block_input: torch.Tensor | None = None, block_index: int | None = None,
+                           ops=None) -> torch.Tensor:
     """`rollout.sequence_logprobs` for Llama-family models, differentiable, with each prompt computed once.
 
     Rows with the same `prompt_index` share their prompt (the G samples of one prompt): the prompt's
     positions go through the blocks once, and each row's completion attends to that shared prompt's keys
     and values (autograd sums the rows' gradients into it). All tokens of both parts run through the
     linear and elementwise ops as one flat [tokens, H] matrix. With `block_input` the forward starts at
-    block `block_index` on those hidden states (frozen-prefix reuse). Returns FloatTensor[B, T].
+    block `block_index` on those hidden states (frozen-prefix reuse). The norms, q/k/v and MLP element-wise
+    parts run on `ops` (`policy.fused_ops`: torch ops or compiled kernels; None: `fused_ops.choose` decides).
+    Returns FloatTensor[B, T].
     """
     inner = model.model
     cfg = model.config
@@ -57,8 +61,12 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     else:
         start = block_index
         x = torch.cat([block_input[rep, :P].reshape(N * P, -1), block_input[:, P:].reshape(B * T, -1)])
+    if ops is None:
+        ops = fused_ops.choose(model, lambda chosen: lean_sequence_logprobs(
+            model, input_ids, attention_mask, prompt_len, prompt_index, temperature=temperature,
+            block_input=block_input, block_index=block_index, ops=chosen), x, start)
     cos, sin = inner.rotary_emb(x[:1], pos[None])
-    cos, sin = cos[0][:, None], sin[0][:, None]  # [tokens, 1, d]
+    rotary = ops.rotary(cos[0], sin[0])  # [tokens, d] each
 
     prompt_mask = causal_allowed(pmask)
     ar_t = torch.arange(T, device=device)
@@ -66,20 +74,9 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
                            (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, T, T)], -1)  # [B, 1, T, P+T]
     n_p = N * P
 
-    # rotate_half(x) * sin == roll(x, d/2) * sin with the first half's sign flipped: a roll has a cheap
-    # backward, where slicing + cat allocate and copy full-size gradients
-    half = d // 2
-    sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
     for block in inner.layers[start:]:
-        attn, mlp = block.self_attn, block.mlp
-        y = _norm(x, block.input_layernorm)
-        # separate projections: slicing one fused output would cost a full-size gradient copy per slice
-        q, k, v = (_apply(attn.q_proj, y).view(-1, h, d), _apply(attn.k_proj, y).view(-1, kvh, d),
-                   _apply(attn.v_proj, y).view(-1, kvh, d))
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = _norm(q, attn.q_norm), _norm(k, attn.k_norm)
-        q = q * cos + q.roll(half, -1) * sin
-        k = k * cos + k.roll(half, -1) * sin
+        attn = block.self_attn
+        q, k, v = ops.qkv(ops.norm(x, block.input_layernorm), attn, rotary, h, kvh, d)  # [tokens, heads, d]
         # prompt tokens attend within their prompt; completion tokens to their prompt's and their own
         kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
         kc, vc = k[n_p:].view(B, T, kvh, d).transpose(1, 2), v[n_p:].view(B, T, kvh, d).transpose(1, 2)
@@ -91,12 +88,11 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
                                             torch.cat([vp.index_select(0, inv), vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
         a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * T, h * d)])
         x = x + _apply(attn.o_proj, a)
-        y = _norm(x, block.post_attention_layernorm)
-        x = x + _apply(mlp.down_proj, F.silu(_apply(mlp.gate_proj, y)) * _apply(mlp.up_proj, y))
+        x = x + ops.mlp(ops.norm(x, block.post_attention_layernorm), block.mlp)
 
     # positions P-1 .. P+T-2 predict tokens P .. P+T-1: the prompt's last position, then completion 0..T-2
     last = torch.cat([x[:n_p].view(N, P, -1)[:, -1].index_select(0, inv)[:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
-    logits = _apply(model.lm_head, _norm(last, inner.norm)).float()
+    logits = _apply(model.lm_head, ops.norm(last, inner.norm)).float()
     if temperature != 1.0:
         logits = logits / temperature
     target = input_ids[:, P:]

@@ -1,10 +1,13 @@
-"""The lean decoder's one-token step compiled into one call (`fused_decode.cpp`), used where it measures faster.
+"""The lean decoder's one-token step compiled into one call (`fused_decode.cpp`), used where it measures faster,
+and the build of the compiled module it shares with the training forward's kernels (`fused_train.cpp`,
+used by `policy.fused_ops`).
 
 On a CPU a small model's decode step is mostly per-op cost: ~300 small torch ops a step, ~1 ms of Python
 and dispatch whatever the batch. `decode_step` runs every block's norms, rotary, KV-cache write and
-attention as loops in one C++ call, and the matmuls on the kernels `policy.kernels` chose per shape. It is
-built at first use with torch's C++ extension loader (a C++ compiler and ninja) into
-``$ONELAYER_CACHE/ext/``, once per machine, torch version and source.
+attention as loops in one C++ call, and the matmuls on the kernels `policy.kernels` chose per shape. The
+module is built at first use with torch's C++ extension loader (a C++ compiler and ninja) for the running
+CPU's instruction set (``-march=native``) into ``$ONELAYER_CACHE/ext/``, once per CPU (model and flags),
+torch version and source.
 
 A decoder uses it only when it built, when its logits and new KV-cache entries matched the Python step's
 (to 1e-5 relative) on the first step it served in this process, and when it measured faster than the
@@ -28,7 +31,8 @@ from onelayer.policy import kernels
 ENV = "ONELAYER_FUSED_DECODE"
 MARGIN = 0.05  # the compiled step replaces the Python one only when at least this much faster
 TOL = 1e-5
-SOURCE = Path(__file__).with_name("fused_decode.cpp")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("fused_decode.cpp", "fused_train.cpp"))
+FUNCTIONS = ["decode_step", "rms_fwd", "rms_bwd", "qkv_fwd", "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
 _LOG = logging.getLogger("onelayer.fused")
 _EXT: dict[str, object] = {}  # "module" or "reason"
 _DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused" (s), "reason"}
@@ -49,8 +53,8 @@ def extension():
 
         from onelayer.io import cache_root
 
-        source = SOURCE.read_text()
-        digest = hashlib.sha256(f"{source}|{torch.__version__}|{kernels.cpu_model()}".encode()).hexdigest()[:12]
+        source = "\n".join(path.read_text() for path in SOURCES)
+        digest = hashlib.sha256(f"{source}|{torch.__version__}|{kernels.cpu_model()}|{_cpu_flags()}".encode()).hexdigest()[:12]
         name, build = f"onelayer_fused_{digest}", cache_root() / "ext" / f"fused_decode-{digest}"
         if (build / f"{name}.so").is_file():  # built before on this machine: import it, no build step
             from torch.utils.cpp_extension import _import_module_from_library
@@ -58,14 +62,24 @@ def extension():
             _EXT["module"] = _import_module_from_library(name, str(build), True)
         else:
             build.mkdir(parents=True, exist_ok=True)
-            _EXT["module"] = load_inline(name, cpp_sources=[source], functions=["decode_step"],
-                                         extra_cflags=["-O3", "-fopenmp-simd"], build_directory=str(build), verbose=False)
+            _EXT["module"] = load_inline(name, cpp_sources=[source], functions=FUNCTIONS,
+                                         extra_cflags=["-O3", "-fopenmp-simd", "-march=native"],
+                                         build_directory=str(build), verbose=False)
         _EXT["note"] = f"loaded in {time.perf_counter() - started:.1f} s from {build}"
     except Exception as err:  # no compiler, no ninja, a read-only cache: the Python step serves
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
         _EXT["reason"] = f"not built ({type(err).__name__}: {first})"
         _LOG.info("fused decode step %s", _EXT["reason"])
     return _EXT.get("module")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (two CPUs with one model name can differ, e.g. in AVX-512): a build is per flag set."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def build_note() -> str:

@@ -27,8 +27,8 @@ KERNELS = ("default", "onednn")
 MARGIN = 0.05  # oneDNN replaces the default kernel only when at least this much faster
 ENV = "ONELAYER_CPU_LINEAR"
 _LOG = logging.getLogger("onelayer.kernels")
-_CHOICES: dict[tuple[int, int, int], str] = {}
-_TIMES: dict[tuple[int, int, int], dict[str, float]] = {}
+_CHOICES: dict[tuple, str] = {}  # (m, k, n), or (m, k, n, "t") for a weight gradient's transposed operands
+_TIMES: dict[tuple, dict[str, float]] = {}
 
 
 def onednn_available() -> bool:
@@ -83,7 +83,7 @@ def stored(name: str) -> dict | None:
     return _load_stored().get(name)
 
 
-def _store(key: tuple[int, int, int] | str, choice: str, times: dict) -> None:
+def _store(key: tuple | str, choice: str, times: dict) -> None:
     from onelayer.io import atomic_write_json, file_lock
 
     path = _store_path()
@@ -114,9 +114,11 @@ def _time(fn, reps: int) -> float:
     return best
 
 
-def measure(m: int, k: int, n: int) -> dict[str, float]:
-    """Best-of-a-few seconds of an [m, k] x [n, k]^T float32 linear with each kernel (inference mode)."""
-    x, w = torch.randn(m, k), torch.randn(n, k)
+def measure(m: int, k: int, n: int, transposed: bool = False) -> dict[str, float]:
+    """Best-of-a-few seconds of an [m, k] x [n, k]^T float32 linear with each kernel (inference mode).
+    `transposed`: both operands are transposed views, as a weight gradient dY^T X is called (oneDNN then
+    copies them first, the default GEMM reads them as they are, and the copy counts)."""
+    x, w = (torch.randn(k, m).t(), torch.randn(k, n).t()) if transposed else (torch.randn(m, k), torch.randn(n, k))
     reps = max(3, min(30, int(2e8 / max(1, 2 * m * k * n))))  # ~0.1-0.2 s per shape whatever its size
     with torch.inference_mode():
         return {"default": _time(lambda: F.linear(x, w), reps), "onednn": _time(lambda: onednn_linear(x, w, None), reps)}
@@ -126,13 +128,14 @@ def choose(m: int, k: int, n: int, tokens: str = "m") -> str:
     """The kernel for an [m, k] x [n, k]^T float32 linear on this machine: 'default' or 'onednn'.
 
     `tokens` names the dimension that counts tokens ("m", or "k" for a weight gradient dY^T X, whose inner
-    dimension is the batch's tokens); that one is bucketed (`_bucket`) and measured at its band's size."""
+    dimension is the batch's tokens, and both operands are transposed views); that one is bucketed (`_bucket`)
+    and measured at its band's size."""
     forced = os.environ.get(ENV, "auto").lower()
     if forced in KERNELS:
         return forced if (forced == "default" or _ONEDNN) else "default"
     if not _ONEDNN:
         return "default"
-    key = (_bucket(m), k, n) if tokens == "m" else (m, _bucket(k), n)
+    key = (_bucket(m), k, n) if tokens == "m" else (m, _bucket(k), n, "t")
     if key in _CHOICES:
         return _CHOICES[key]
     stored = _load_stored().get("x".join(map(str, key)))
@@ -140,7 +143,7 @@ def choose(m: int, k: int, n: int, tokens: str = "m") -> str:
         _CHOICES[key] = stored["choice"]
         _TIMES[key] = {k_: v for k_, v in stored.items() if k_ in KERNELS}
         return _CHOICES[key]
-    times = measure(*key)
+    times = measure(*key[:3], transposed=tokens != "m")
     choice = "onednn" if times["onednn"] < times["default"] * (1 - MARGIN) else "default"
     _CHOICES[key], _TIMES[key] = choice, times
     _store(key, choice, times)

@@ -65,6 +65,7 @@ def _verified(model, tol: float) -> str | None:
     if model in _VERIFIED:
         return _VERIFIED[model]
     from onelayer.policy.forward import lean_sequence_logprobs  # the forward dispatches on this module
+    from onelayer.policy.fused_ops import TorchOps
 
     ok = False
     try:
@@ -86,7 +87,8 @@ def _verified(model, tol: float) -> str | None:
             ok = bool(max((prefill - ref[:, 4]).abs().max(), (decode - ref[:, 5]).abs().max()) <= tol * scale)
             # training path: prompt = first 3 tokens, shared by both rows of each prompt
             rows, rmask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
-            got = lean_sequence_logprobs(model, rows, rmask, 3, torch.tensor([0, 0, 1, 1], device=device))
+            # the torch ops: the compiled ones are checked against those where they are first used (`fused_ops`)
+            got = lean_sequence_logprobs(model, rows, rmask, 3, torch.tensor([0, 0, 1, 1], device=device), ops=TorchOps)
             want = torch.log_softmax(ref[:, 2:5], -1).gather(-1, ids[:, 3:, None]).squeeze(-1).repeat_interleave(2, 0)
             ok = ok and bool((got - want).abs().max() <= tol * scale)
     except Exception as exc:  # noqa: BLE001 - any failure means: use the model's own forward, saying why

@@ -1,0 +1,242 @@
+"""The training forward's element-wise work as compiled kernels (`fused_train.cpp`), used where it measures faster.
+
+`lean_sequence_logprobs` runs each block as norm, q/k/v, attention, output projection, norm, MLP. On a CPU
+a small model spends much of its forward and backward in the element-wise parts: the RMSNorms, Qwen3's
+per-head q/k norm, rotary and SiLU·up, each several torch ops and passes over memory, each with its own
+backward ops. `CompiledOps` runs each of them as one pass forward and one backward, and the q/k/v and the
+gate/up projections each as one matmul over the concatenated weights. `TorchOps` is the same math in
+torch ops, and what runs where the compiled module is not built or not used.
+
+`choose` decides once per model shape, first block, token band and mode (forward only, or forward and
+backward): on the first call's own inputs it runs both, checks the compiled one against the torch one
+(log-probs to `TOL`, every trainable tensor's gradient to `GRAD_TOL`, relative to its largest value) and
+times both (best of 3). The compiled ops serve when they agree and are faster by `MARGIN`. The timing is
+kept with the matmul choices (`kernels.store`), so later processes on the machine reuse it and stay
+reproducible. ``ONELAYER_FUSED_TRAIN=off`` turns them off, ``on`` skips the timing (still checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from onelayer.policy import fused, kernels
+from onelayer.policy.ops import _apply, _eps, _norm, linear
+
+ENV = "ONELAYER_FUSED_TRAIN"
+MARGIN = 0.05
+TOL, GRAD_TOL = 1e-5, 1e-4
+_LOG = logging.getLogger("onelayer.fused")
+_DECIDED: dict[str, dict] = {}  # per key: {"choice": "torch" | "compiled", "torch", "compiled" (s), "reason"}
+_EMPTY = torch.empty(0)
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").lower()
+    return value if value in ("auto", "on", "off") else "auto"
+
+
+def _module():
+    return fused.extension()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        y, rstd = _module().rms_fwd(x, w, eps)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        dx, dw = _module().rms_bwd(dy, x, w, rstd, ctx.needs_input_grad[1])
+        return dx, dw if ctx.needs_input_grad[1] else None, None
+
+
+class _QKV(torch.autograd.Function):
+    """q, k, v [tokens, heads, d] from one [tokens, (h + 2 kvh) d] projection: q and k RMS-normed per head
+    (weights wq, wk; empty: no norm) and rotated (cos, sin [tokens, d]), v as it is."""
+
+    @staticmethod
+    def forward(ctx, qkv, wq, wk, cos, sin, eps, h, kvh, d):
+        q, k, v, rstd = _module().qkv_fwd(qkv, wq, wk, cos, sin, eps, h, kvh, d)
+        ctx.save_for_backward(qkv, wq, wk, cos, sin, rstd)
+        ctx.dims = (h, kvh, d)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        qkv, wq, wk, cos, sin, rstd = ctx.saved_tensors
+        h, kvh, d = ctx.dims
+
+        def grad(g, heads):
+            return g if g is not None else qkv.new_zeros(qkv.shape[0], heads, d)
+
+        dqkv, dwq, dwk = _module().qkv_bwd(grad(dq, h), grad(dk, kvh), grad(dv, kvh), qkv, wq, wk, cos, sin, rstd, h, kvh, d)
+        norm = wq.numel() > 0
+        return (dqkv, dwq if norm and ctx.needs_input_grad[1] else None, dwk if norm and ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of one [tokens, 2I] projection (gate | up)."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        y, sig = _module().swiglu_fwd(gu)
+        ctx.save_for_backward(gu, sig)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gu, sig = ctx.saved_tensors
+        return _module().swiglu_bwd(dy, gu, sig)
+
+
+def _concat(*linears):
+    """One weight (and bias) for several linears that read the same input."""
+    b = None
+    if any(m.bias is not None for m in linears):
+        b = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+    return torch.cat([m.weight for m in linears]), b
+
+
+class TorchOps:
+    """The block's element-wise parts in torch ops."""
+
+    name = "torch"
+
+    @staticmethod
+    def rotary(cos, sin):
+        """The factors `qkv` takes, from the model's rotary table at each token ([tokens, d] each).
+        rotate_half(x) * sin == roll(x, d/2) * sin with the first half's sign flipped: a roll has a cheap
+        backward, where slicing + cat allocate and copy full-size gradients."""
+        half = cos.shape[-1] // 2
+        return cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]
+
+    @staticmethod
+    def norm(x, norm):
+        return _norm(x, norm)
+
+    @staticmethod
+    def qkv(y, attn, rotary, h, kvh, d):
+        # separate projections: slicing one fused output would cost a full-size gradient copy per slice
+        q, k, v = (_apply(attn.q_proj, y).view(-1, h, d), _apply(attn.k_proj, y).view(-1, kvh, d),
+                   _apply(attn.v_proj, y).view(-1, kvh, d))
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = _norm(q, attn.q_norm), _norm(k, attn.k_norm)
+        cos, sin = rotary
+        half = d // 2
+        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
+
+    @staticmethod
+    def mlp(y, mlp):
+        """down(silu(gate(y)) * up(y))."""
+        return _apply(mlp.down_proj, F.silu(_apply(mlp.gate_proj, y)) * _apply(mlp.up_proj, y))
+
+
+class CompiledOps:
+    """The same math as `TorchOps` in the compiled kernels (`fused_train.cpp`)."""
+
+    name = "compiled"
+
+    @staticmethod
+    def rotary(cos, sin):
+        return cos.contiguous(), sin.contiguous()
+
+    @staticmethod
+    def norm(x, norm):
+        return _RMSNorm.apply(x, norm.weight, _eps(norm))
+
+    @staticmethod
+    def qkv(y, attn, rotary, h, kvh, d):
+        w, b = _concat(attn.q_proj, attn.k_proj, attn.v_proj)
+        qn = getattr(attn, "q_norm", None)
+        wq, wk = (qn.weight, attn.k_norm.weight) if qn is not None else (_EMPTY, _EMPTY)
+        return _QKV.apply(linear(y, w, b), wq, wk, *rotary, _eps(qn) if qn is not None else 1e-6, h, kvh, d)
+
+    @staticmethod
+    def mlp(y, mlp):
+        return _apply(mlp.down_proj, _SwiGLU.apply(linear(y, *_concat(mlp.gate_proj, mlp.up_proj))))
+
+
+def _why_not(model, x: torch.Tensor) -> str | None:
+    """None when the compiled ops can run this forward, else why not."""
+    if mode() == "off":
+        return f"{ENV}=off"
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return "not a float32 CPU forward"
+    if any(p.dtype != torch.float32 for p in model.model.layers.parameters()):
+        return "blocks not all float32"
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if d % 2 or d > 1024:
+        return f"head_dim {d}"
+    if _module() is None:
+        return f"compiled module {fused.build_note()}"
+    return None
+
+
+def _shape(model, start: int, tokens: int, grad: bool) -> str:
+    cfg = model.config
+    return (f"train:{cfg.model_type}-H{cfg.hidden_size}-I{cfg.intermediate_size}-h{cfg.num_attention_heads}"
+            f"-kv{getattr(cfg, 'num_key_value_heads', None) or cfg.num_attention_heads}-L{cfg.num_hidden_layers}"
+            f"-from{start}-N{kernels._bucket(tokens)}-{'fwd+bwd' if grad else 'fwd'}")
+
+
+def choose(model, run, x: torch.Tensor, start: int):
+    """The ops for one lean training forward of `model` from block `start` on the flat hidden states `x`
+    [tokens, H]; `run(ops)` is that forward (it returns the log-probs). Decided on the first call per key."""
+    if _why_not(model, x) is not None:
+        return TorchOps
+    params = [p for p in model.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    key = _shape(model, start, x.shape[0], bool(params))
+    if key not in _DECIDED:
+        _DECIDED[key] = _decide(key, run, params)
+    return CompiledOps if _DECIDED[key]["choice"] == "compiled" else TorchOps
+
+
+def _time(fn, reps: int = 3) -> float:
+    return kernels._time(fn, reps)  # best of `reps` after one untimed call
+
+
+def _decide(key: str, run, params: list) -> dict:
+    weights: dict[str, torch.Tensor] = {}
+
+    def once(ops):  # the forward, and (when training) the gradient of a fixed weighting of its log-probs
+        out = run(ops)
+        if not params:
+            return [out.detach()]
+        if "w" not in weights:
+            weights["w"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad((out * weights["w"]).sum(), params, allow_unused=True)
+        return [out.detach(), *grads]
+
+    want = once(TorchOps)
+    try:
+        got = once(CompiledOps)
+    except RuntimeError as exc:  # a shape or layout the kernels refuse: the torch ops serve
+        return {"choice": "torch", "reason": f"the compiled ops raised {str(exc).splitlines()[0][:200]}"}
+    err = fused._close(got[0], want[0])
+    grad_err = max([fused._close(a, b) for a, b in zip(got[1:], want[1:]) if a is not None and b is not None], default=0.0)
+    if err > TOL or grad_err > GRAD_TOL:
+        return {"choice": "torch", "reason": f"the compiled ops differed by {err:.1e} (log-probs), {grad_err:.1e} (gradients)"}
+    if mode() == "on":
+        return {"choice": "compiled", "reason": f"{ENV}=on"}
+    saved = kernels.stored(key)
+    if saved is not None and saved.get("choice") in ("torch", "compiled"):
+        return {**saved, "reason": "measured earlier on this machine"}
+    times = {"torch": _time(lambda: once(TorchOps)), "compiled": _time(lambda: once(CompiledOps))}
+    choice = "compiled" if times["compiled"] < times["torch"] * (1 - MARGIN) else "torch"
+    kernels.store(key, choice, times)
+    _LOG.info("training forward %s: torch %.3g ms, compiled %.3g ms -> %s", key, times["torch"] * 1e3,
+              times["compiled"] * 1e3, choice)
+    return {"choice": choice, **times, "reason": "measured"}
+
+
+def choices() -> dict:
+    """What this process decided per key, and how the compiled module was built (for run records)."""
+    return {"build": fused.build_note(), "mode": mode(), **{k: dict(v) for k, v in sorted(_DECIDED.items())}}

@@ -1,0 +1,131 @@
+"""The training forward's compiled kernels: the same log-probs and gradients as the torch ops, the same bits on
+any thread count, chosen by measuring (and the choice reused), refused when they differ, off when asked."""
+
+import pytest
+import torch
+
+from helpers import assert_grads_close, build, rollout
+from onelayer.policy import fused, fused_ops, kernels, lean_sequence_logprobs
+
+
+@pytest.fixture
+def module():
+    mod = fused.extension()
+    if mod is None:
+        pytest.skip(f"the compiled module is unavailable here: {fused.build_note()}")
+    return mod
+
+
+@pytest.fixture
+def decided(monkeypatch):
+    monkeypatch.setattr(fused_ops, "_DECIDED", {})
+    return fused_ops._DECIDED
+
+
+def _run(model, batch, ops, **kw):
+    model.zero_grad(set_to_none=True)
+    lp = lean_sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len, batch.prompt_index,
+                                temperature=0.9, ops=ops, **kw)
+    (lp * batch.completion_mask * torch.linspace(-1, 1, lp.shape[1])).sum().backward()
+    return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("start", [None, 2])
+def test_compiled_ops_give_the_torch_ops_logprobs_and_gradients(module, kind, start):
+    """Left-padded shared prompts, completions of different lengths; from the embeddings, or from block 2 on
+    captured hidden states (frozen-prefix reuse)."""
+    model = build(kind)
+    batch = rollout(model, capture=start)
+    kw = {} if start is None else {"block_input": batch.block_input, "block_index": start}
+    if start is not None:
+        for i, block in enumerate(model.model.layers):
+            block.requires_grad_(i >= start)
+        model.model.embed_tokens.requires_grad_(False)
+    want, want_g = _run(model, batch, fused_ops.TorchOps, **kw)
+    got, got_g = _run(model, batch, fused_ops.CompiledOps, **kw)
+    assert ((got - want).abs() * batch.completion_mask).max() < 1e-5
+    assert_grads_close(want_g, got_g, rel=1e-4)
+    if start is not None:
+        assert not any(n.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1.")) for n in got_g)
+
+
+def test_the_kernels_give_the_same_bits_on_one_and_two_threads(module):
+    """Rows are split over threads and weight gradients summed in fixed chunks: the thread count cannot change a bit."""
+    g = torch.Generator().manual_seed(0)
+    R, H, h, kvh, d = 300, 64, 4, 2, 16
+    x, w, dy = torch.randn(R, H, generator=g), torch.randn(H, generator=g), torch.randn(R, H, generator=g)
+    qkv = torch.randn(R, (h + 2 * kvh) * d, generator=g)
+    wq, wk, cos, sin = (torch.randn(*s, generator=g) for s in ((d,), (d,), (R, d), (R, d)))
+    dq, dk, dv = torch.randn(R, h, d, generator=g), torch.randn(R, kvh, d, generator=g), torch.randn(R, kvh, d, generator=g)
+    gu, dh = torch.randn(R, 2 * H, generator=g), torch.randn(R, H, generator=g)
+
+    def everything():
+        y, rstd = module.rms_fwd(x, w, 1e-6)
+        q, k, v, r = module.qkv_fwd(qkv, wq, wk, cos, sin, 1e-6, h, kvh, d)
+        out, sig = module.swiglu_fwd(gu)
+        return [y, rstd, *module.rms_bwd(dy, x, w, rstd, True), q, k, v, r,
+                *module.qkv_bwd(dq, dk, dv, qkv, wq, wk, cos, sin, r, h, kvh, d), out, module.swiglu_bwd(dh, gu, sig)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = everything()
+        torch.set_num_threads(2)
+        two = everything()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_the_choice_is_checked_measured_once_stored_and_reused(module, decided, monkeypatch, tmp_path):
+    monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path))
+    monkeypatch.setenv(fused_ops.ENV, "auto")
+    timed = []
+
+    def fake_time(fn, reps=3):  # the compiled ops measure faster here
+        timed.append(fn)
+        return 2.0 if len(timed) % 2 == 1 else 1.0
+
+    monkeypatch.setattr(fused_ops, "_time", fake_time)
+    model = build("qwen3")
+    batch = rollout(model)
+    want, _ = _run(model, batch, fused_ops.TorchOps)
+    got, _ = _run(model, batch, None)  # decided here: checked, timed, stored
+    assert ((got - want).abs() * batch.completion_mask).max() < 1e-5
+    records = {k: v for k, v in fused_ops.choices().items() if k.startswith("train:")}
+    assert len(records) == 1 and len(timed) == 2
+    (key, record), = records.items()
+    assert key.endswith("fwd+bwd") and record["choice"] == "compiled" and record["reason"] == "measured"
+    assert kernels.stored(key)["choice"] == "compiled"
+    decided.clear()  # a new process on this machine: checked again, the stored timing reused
+    _run(model, batch, None)
+    assert len(timed) == 2 and fused_ops.choices()[key]["reason"] == "measured earlier on this machine"
+    with torch.no_grad():  # no gradients needed: a decision of its own
+        lean_sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len, batch.prompt_index)
+    assert any(k.endswith("-fwd") for k in fused_ops.choices())
+
+
+def test_compiled_ops_that_differ_are_not_used(module, decided, monkeypatch):
+    monkeypatch.setenv(fused_ops.ENV, "on")
+    real = fused_ops.CompiledOps.norm
+    monkeypatch.setattr(fused_ops.CompiledOps, "norm", staticmethod(lambda x, norm: real(x, norm) * 1.01))
+    model = build("llama")
+    batch = rollout(model)
+    _run(model, batch, None)
+    record = next(v for k, v in fused_ops.choices().items() if k.startswith("train:"))
+    assert record["choice"] == "torch" and "differed" in record["reason"]
+
+
+def test_off_or_a_forward_they_do_not_cover_takes_the_torch_ops(module, decided, monkeypatch):
+    model = build("qwen3")
+    x = torch.zeros(4, model.config.hidden_size)
+    monkeypatch.setenv(fused_ops.ENV, "off")
+    assert fused_ops.choose(model, None, x, 0) is fused_ops.TorchOps
+    monkeypatch.setenv(fused_ops.ENV, "on")
+    assert fused_ops._why_not(model.double(), x.double()) == "not a float32 CPU forward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_ops._why_not(model.float(), x) == "not a float32 CPU forward"
+    monkeypatch.setattr(fused, "_EXT", {"reason": "not built (no compiler)"})
+    assert fused_ops._why_not(model, x) == "compiled module not built (no compiler)"
+    assert not decided
