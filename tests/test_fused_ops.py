@@ -96,14 +96,20 @@ def test_the_choice_is_checked_measured_once_stored_and_reused(module, decided, 
     records = {k: v for k, v in fused_ops.choices().items() if k.startswith("train:")}
     assert len(records) == 1 and len(timed) == 2
     (key, record), = records.items()
-    assert key.endswith("fwd+bwd") and record["choice"] == "compiled" and record["reason"] == "measured"
+    assert record["timed"] == "forward and backward" and record["choice"] == "compiled" and record["reason"] == "measured"
     assert kernels.stored(key)["choice"] == "compiled"
     decided.clear()  # a new process on this machine: checked again, the stored timing reused
     _run(model, batch, None)
     assert len(timed) == 2 and fused_ops.choices()[key]["reason"] == "measured earlier on this machine"
-    with torch.no_grad():  # no gradients needed: a decision of its own
-        lean_sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len, batch.prompt_index)
-    assert any(k.endswith("-fwd") for k in fused_ops.choices())
+    # without gradients (a KL reference) and on fewer tokens (a minibatch): the same decision, so the reference's
+    # log-probs and the policy's come from the same ops
+    with torch.no_grad():
+        ref = lean_sequence_logprobs(model, batch.input_ids[:4], batch.attention_mask[:4], batch.prompt_len,
+                                     batch.prompt_index[:4])
+        again = lean_sequence_logprobs(model, batch.input_ids[:4], batch.attention_mask[:4], batch.prompt_len,
+                                       batch.prompt_index[:4], ops=fused_ops.CompiledOps)
+    assert len(timed) == 2 and [k for k in fused_ops.choices() if k.startswith("train:")] == [key]
+    assert torch.equal(ref, again)
 
 
 def test_compiled_ops_that_differ_are_not_used(module, decided, monkeypatch):

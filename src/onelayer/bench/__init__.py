@@ -223,7 +223,7 @@ def _decode_note(decided: dict) -> str:
 def _train_note(decided: dict) -> str:
     """Which element-wise ops the training forward ran (`policy.fused_ops`) with their measured times."""
     picks = [f"{v['choice']} (torch {v['torch'] * 1e3:.1f} ms, compiled {v['compiled'] * 1e3:.1f} ms)" if "torch" in v
-             else f"{v['choice']} ({v.get('reason', '')})" for k, v in decided.items() if k.endswith("fwd+bwd")]
+             else f"{v['choice']} ({v.get('reason', '')})" for k, v in decided.items() if k.startswith("train:")]
     return picks[-1] if picks else f"torch ({decided.get('build', 'no record')})"
 
 

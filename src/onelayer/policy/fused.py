@@ -31,6 +31,7 @@ from onelayer.policy import kernels
 ENV = "ONELAYER_FUSED_DECODE"
 MARGIN = 0.05  # the compiled step replaces the Python one only when at least this much faster
 TOL = 1e-5
+CFLAGS = ["-O3", "-fopenmp", "-march=native"]  # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("fused_decode.cpp", "fused_train.cpp"))
 FUNCTIONS = ["decode_step", "rms_fwd", "rms_bwd", "qkv_fwd", "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
 _LOG = logging.getLogger("onelayer.fused")
@@ -54,7 +55,8 @@ def extension():
         from onelayer.io import cache_root
 
         source = "\n".join(path.read_text() for path in SOURCES)
-        digest = hashlib.sha256(f"{source}|{torch.__version__}|{kernels.cpu_model()}|{_cpu_flags()}".encode()).hexdigest()[:12]
+        key = f"{source}|{CFLAGS}|{torch.__version__}|{kernels.cpu_model()}|{_cpu_flags()}"
+        digest = _EXT["digest"] = hashlib.sha256(key.encode()).hexdigest()[:12]
         name, build = f"onelayer_fused_{digest}", cache_root() / "ext" / f"fused_decode-{digest}"
         if (build / f"{name}.so").is_file():  # built before on this machine: import it, no build step
             from torch.utils.cpp_extension import _import_module_from_library
@@ -63,7 +65,7 @@ def extension():
         else:
             build.mkdir(parents=True, exist_ok=True)
             _EXT["module"] = load_inline(name, cpp_sources=[source], functions=FUNCTIONS,
-                                         extra_cflags=["-O3", "-fopenmp-simd", "-march=native"],
+                                         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                          build_directory=str(build), verbose=False)
         _EXT["note"] = f"loaded in {time.perf_counter() - started:.1f} s from {build}"
     except Exception as err:  # no compiler, no ninja, a read-only cache: the Python step serves
@@ -80,6 +82,11 @@ def _cpu_flags() -> str:
             return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("flags")), "")
     except OSError:
         return ""
+
+
+def build_id() -> str:
+    """The compiled module's digest (source, flags, torch, CPU): stored timings of one build do not speak for another."""
+    return str(_EXT.get("digest", "none"))
 
 
 def build_note() -> str:
@@ -177,7 +184,7 @@ def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> bool:
     Python step `python` on this step's inputs, then timed against it (or the stored timing reused). Leaves
     the cache as the chosen path writes it."""
     dec, B = step.dec, ids.shape[0]
-    key = f"decode:{step.shape}-B{kernels._bucket(B)}"
+    key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}"
     if key not in _DECIDED:
         want = python(ids, positions, start, mask, rows)
         want_entries = _entries(dec, B, start, rows)

@@ -7,10 +7,13 @@ backward ops. `CompiledOps` runs each of them as one pass forward and one backwa
 gate/up projections each as one matmul over the concatenated weights. `TorchOps` is the same math in
 torch ops, and what runs where the compiled module is not built or not used.
 
-`choose` decides once per model shape, first block, token band and mode (forward only, or forward and
-backward): on the first call's own inputs it runs both, checks the compiled one against the torch one
-(log-probs to `TOL`, every trainable tensor's gradient to `GRAD_TOL`, relative to its largest value) and
-times both (best of 3). The compiled ops serve when they agree and are faster by `MARGIN`. The timing is
+`choose` decides once per model shape and first block, on the first call's own inputs: it runs both,
+checks the compiled ops against the torch ones (log-probs to `TOL`; when that call needs gradients, every
+trainable tensor's gradient to `GRAD_TOL`, relative to its largest value) and times both (best of 3). The
+compiled ops serve when they agree and are faster by `MARGIN`. One decision serves every later call of that
+shape, with or without gradients and whatever its number of tokens: the KL reference's log-probs and the
+policy's must come from the same ops, or their float differences (~1e-6) give the KL term a gradient of
+noise that AdamW, which normalises every gradient, turns into full-size steps. The timing is
 kept with the matmul choices (`kernels.store`), so later processes on the machine reuse it and stay
 reproducible. ``ONELAYER_FUSED_TRAIN=off`` turns them off, ``on`` skips the timing (still checked).
 """
@@ -180,22 +183,23 @@ def _why_not(model, x: torch.Tensor) -> str | None:
     return None
 
 
-def _shape(model, start: int, tokens: int, grad: bool) -> str:
+def _shape(model, start: int) -> str:
     cfg = model.config
     return (f"train:{cfg.model_type}-H{cfg.hidden_size}-I{cfg.intermediate_size}-h{cfg.num_attention_heads}"
             f"-kv{getattr(cfg, 'num_key_value_heads', None) or cfg.num_attention_heads}-L{cfg.num_hidden_layers}"
-            f"-from{start}-N{kernels._bucket(tokens)}-{'fwd+bwd' if grad else 'fwd'}")
+            f"-from{start}-{fused.build_id()}")
 
 
 def choose(model, run, x: torch.Tensor, start: int):
     """The ops for one lean training forward of `model` from block `start` on the flat hidden states `x`
-    [tokens, H]; `run(ops)` is that forward (it returns the log-probs). Decided on the first call per key."""
+    [tokens, H]; `run(ops)` is that forward (it returns the log-probs). Decided on the first call per shape."""
     if _why_not(model, x) is not None:
         return TorchOps
-    params = [p for p in model.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-    key = _shape(model, start, x.shape[0], bool(params))
+    key = _shape(model, start)
     if key not in _DECIDED:
-        _DECIDED[key] = _decide(key, run, params)
+        params = [p for p in model.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        _DECIDED[key] = {**_decide(key, run, params), "tokens": x.shape[0],
+                         "timed": "forward and backward" if params else "forward"}
     return CompiledOps if _DECIDED[key]["choice"] == "compiled" else TorchOps
 
 
