@@ -212,7 +212,7 @@ def _decide(key: str, run, params: list) -> dict:
 
     def once(ops):  # the forward, and (when training) the gradient of a fixed weighting of its log-probs
         out = run(ops)
-        if not params:
+        if not params or not out.requires_grad:
             return [out.detach()]
         if "w" not in weights:
             weights["w"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
