@@ -76,16 +76,17 @@ def digits_task(**options):
 def run_tiny(settings: dict, out: str, lean: bool = True) -> dict:
     """One process of a tiny run (or the whole of a one-process one) with the per-prompt sampler; `lean=False`:
     the model's own forward everywhere, as under FSDP (whose hooks rule the lean paths out). One matmul kernel and
-    the compiled training ops in every process: both are chosen per token band by measuring, one process's band is
-    not two's, and the choices agree to float rounding only, which AdamW at this rate grows past 1e-5 on the
-    weights. The patches are undone afterwards (the one-process runs share pytest's process)."""
+    the torch ops of the training forward in every process: kernels are chosen by measuring, per token band (one
+    process's band is not two's) and per process, and the choices agree to float rounding only, which AdamW at
+    this rate grows past 1e-5 on the weights; this test is about the distributed step, `test_fused_ops` about the
+    compiled ops. The patches are undone afterwards (the one-process runs share pytest's process)."""
     import onelayer.policy.support as support
     import onelayer.train.loop as loop
     from onelayer import tasks
     from onelayer.config import make_config
 
     tasks.register("arith-digits", digits_task)
-    forced = {fused_ops.ENV: "on", kernels.ENV: "default"}
+    forced = {fused_ops.ENV: "off", kernels.ENV: "default"}
     saved = support.lean_support, loop.rollout_sampler, {k: os.environ.get(k) for k in forced}
     os.environ.update(forced)
     if not lean:
