@@ -19,3 +19,14 @@ def base_dir(onelayer_cache):
     from onelayer.train.warmstart import warm_started
 
     return warm_started("tiny-qwen3", tasks.make("arith", n_eval=200), max_new_tokens=8)
+
+
+@pytest.fixture
+def module():
+    """The compiled module (`policy.fused`: the decode step and the training kernels); skips where it cannot be built."""
+    from onelayer.policy import fused
+
+    mod = fused.extension()
+    if mod is None:
+        pytest.skip(f"the compiled module is unavailable here: {fused.build_note()}")
+    return mod

@@ -12,14 +12,6 @@ from onelayer.rollout import left_pad, sample
 
 
 @pytest.fixture
-def module():
-    mod = fused.extension()
-    if mod is None:
-        pytest.skip(f"the compiled decode step is unavailable here: {fused.build_note()}")
-    return mod
-
-
-@pytest.fixture
 def decided(monkeypatch):
     monkeypatch.setattr(fused, "_DECIDED", {})
     return fused._DECIDED

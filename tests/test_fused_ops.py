@@ -9,14 +9,6 @@ from onelayer.policy import fused, fused_ops, kernels, lean_sequence_logprobs
 
 
 @pytest.fixture
-def module():
-    mod = fused.extension()
-    if mod is None:
-        pytest.skip(f"the compiled module is unavailable here: {fused.build_note()}")
-    return mod
-
-
-@pytest.fixture
 def decided(monkeypatch):
     monkeypatch.setattr(fused_ops, "_DECIDED", {})
     return fused_ops._DECIDED
