@@ -128,3 +128,33 @@ def test_lean_decoder_layouts_match_the_models_forward(kind, fold):
     for i, logits in enumerate(got):
         assert (logits - ref[:, 4 + i]).abs().max() < 1e-4
 
+
+
+def test_lean_decoder_keeps_frozen_weights_between_rollouts_and_notices_any_change():
+    """A frozen block's gathered weights are reused by the next decoder; a trainable block's are not; a frozen
+    weight changed in place, even without a version bump (`.data`, fused AdamW), is gathered again."""
+    from onelayer.policy.decoder import LeanDecoder
+
+    model = build("qwen3").eval()
+    select_layers(model, "1")  # block 1 trains, the rest is frozen
+    blocks = model.model.layers
+    first, second = LeanDecoder(model, 2, 8), LeanDecoder(model, 2, 8)
+    assert first.layers[0] is second.layers[0] and first.head is second.head
+    assert first.layers[1] is not second.layers[1]
+    before = second.layers[0]["gate_up"]["w"][0].clone()  # a copy: gate and up concatenated, the norm folded in
+    with torch.no_grad():
+        blocks[0].mlp.up_proj.weight.data.add_(0.5)  # no version bump
+    third = LeanDecoder(model, 2, 8)
+    assert third.layers[0] is not second.layers[0]
+    assert not torch.equal(third.layers[0]["gate_up"]["w"][0], before)
+    assert third.layers[2] is second.layers[2]
+    # a block trained with fused AdamW (no version bump either) and frozen again is gathered afresh
+    w = blocks[2].self_attn.q_proj.weight
+    before = third.layers[2]["qkv"]["w"][0].clone()
+    w.requires_grad_(True)
+    opt = torch.optim.AdamW([w], lr=1e-2, fused=True)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    w.requires_grad_(False)
+    fourth = LeanDecoder(model, 2, 8)
+    assert fourth.layers[2] is not third.layers[2] and not torch.equal(fourth.layers[2]["qkv"]["w"][0], before)

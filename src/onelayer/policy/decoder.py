@@ -5,15 +5,46 @@ Per block: h = rms_norm(x); q, k, v = h Wq, h Wk, h Wv (+ biases); [Qwen3: per-h
 rotary(q, k) with the model's own rotary table; a = attention(q, K, V, mask); x += a Wo;
 x += down(silu(h' Wg) * h' Wu); logits = rms_norm(x) W_head. On a CPU a tiny model spends most of a
 decode step in per-op and per-module overhead, so this runs the same math in fewer, larger ops.
+
+A frozen block's gathered weights (and the head's, when frozen) are kept between rollouts (`_kept`): when
+one block trains, the other blocks' copies need not be rebuilt for every rollout.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from onelayer.policy import fused
 from onelayer.policy.ops import _eps, _use_onednn, linear
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (fingerprint, gathered weights)
+
+
+def _fingerprint(params: list[torch.Tensor]) -> tuple:
+    """What says frozen weights are unchanged since they were gathered: each tensor's storage, version counter,
+    shape and the sum of a strided sample of its elements (fused AdamW and `.data` edits leave the version
+    counter as it was; any real update moves the sample)."""
+    sample = [p.detach().reshape(-1)[:: max(1, p.numel() // 64)].sum() for p in params]
+    sums = torch.stack(sample).tolist() if sample else []
+    return tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape), s) for p, s in zip(params, sums))
+
+
+def _kept(module, params: list[torch.Tensor], gather):
+    """`gather()`, kept for `module` across decoders while none of `params` requires grad and they are
+    unchanged (`_fingerprint`); gathered afresh, and nothing kept, for trainable weights."""
+    if any(p.requires_grad for p in params):
+        _KEPT.pop(module, None)
+        return gather()
+    key = _fingerprint(params)
+    hit = _KEPT.get(module)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = gather()
+    _KEPT[module] = (key, value)
+    return value
 
 
 def _pair_order(d: int) -> torch.Tensor:
@@ -46,17 +77,25 @@ class LeanDecoder:
         # fewer, larger ops where per-op overhead dominates (CPU); `fold` overrides (tests run both layouts)
         self.fold = self.device.type == "cpu" if fold is None else fold
         self.embed = inner.embed_tokens
-        self.layers = [self._gather(b) for b in inner.layers]
-        self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
+        self.batch, self.max_len = batch, max_len
+        if self.fold:  # copies: kept for frozen weights (`_kept`)
+            self.layers = [_kept(b, list(b.parameters()), lambda b=b: self._gather(b)) for b in inner.layers]
+            head = [*model.lm_head.parameters(), *inner.norm.parameters()]
+            self.head = _kept(model.lm_head, head, lambda: self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm))
+        else:  # the model's own tensors
+            self.layers = [self._gather(b) for b in inner.layers]
+            self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
         if self.fold:  # paired layout: one complex factor per pair, [max_len, d/2]
             self.rot = torch.complex(cos[0, :, : d // 2].float(), sin[0, :, : d // 2].float())
         else:  # [max_len, head_dim], exactly the model's rotary table
             self.cos, self.sin = cos[0], sin[0]
+        # uninitialised: a slot is read only after it was written (the prefill writes every prompt slot, each
+        # step its own; dropping rows copies whole rows)
         shape = (batch, self.kv_heads, max_len, d)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.capture = capture
         self.captured = (torch.zeros(batch, max_len, cfg.hidden_size, dtype=self.dtype, device=self.device)
                          if capture is not None else None)
@@ -139,8 +178,10 @@ class LeanDecoder:
         attend to slots 0..start+S-1 under the bool `mask` [B, 1, S, start+S] (None: all). `rows` maps the
         batch rows to rows of `captured`. Returns the logits of the last position, [B, V]. One-token steps
         go to the compiled step where it was checked and measured faster (`policy.fused`)."""
-        if ids.shape[1] == 1 and self.fused is not None and self.fused.serves(self._forward, ids, positions, start, mask, rows):
-            return self.fused(ids, positions, start, mask, rows)
+        if ids.shape[1] == 1 and self.fused is not None:
+            how = self.fused.mode(self._forward, ids, positions, start, mask, rows)
+            if how != "python":
+                return self.fused(ids, positions, start, mask, rows, packed=how == "packed")
         return self._forward(ids, positions, start, mask, rows)
 
     def _forward(self, ids, positions, start, mask, rows=None) -> torch.Tensor:
