@@ -130,7 +130,7 @@ def test_lean_decoder_layouts_match_the_models_forward(kind, fold):
 
 
 
-def test_lean_decoder_keeps_frozen_weights_between_rollouts_and_notices_any_change():
+def test_lean_decoder_keeps_frozen_weights_between_rollouts_and_notices_any_change(monkeypatch):
     """A frozen block's gathered weights are reused by the next decoder; a trainable block's are not; a frozen
     weight changed in place, even without a version bump (`.data`, fused AdamW), is gathered again."""
     from onelayer.policy.decoder import LeanDecoder
@@ -158,3 +158,7 @@ def test_lean_decoder_keeps_frozen_weights_between_rollouts_and_notices_any_chan
     w.requires_grad_(False)
     fourth = LeanDecoder(model, 2, 8)
     assert fourth.layers[2] is not third.layers[2] and not torch.equal(fourth.layers[2]["qkv"]["w"][0], before)
+    import onelayer.policy.decoder as decoder
+
+    monkeypatch.setattr(decoder, "KEEP_MODEL_BYTES", 0)  # a larger model: nothing kept
+    assert LeanDecoder(model, 2, 8).layers[0] is not LeanDecoder(model, 2, 8).layers[0]

@@ -6,8 +6,9 @@ rotary(q, k) with the model's own rotary table; a = attention(q, K, V, mask); x 
 x += down(silu(h' Wg) * h' Wu); logits = rms_norm(x) W_head. On a CPU a tiny model spends most of a
 decode step in per-op and per-module overhead, so this runs the same math in fewer, larger ops.
 
-A frozen block's gathered weights (and the head's, when frozen) are kept between rollouts (`_kept`): when
-one block trains, the other blocks' copies need not be rebuilt for every rollout.
+For a small model (`KEEP_MODEL_BYTES`), a frozen block's gathered weights (and the head's, when frozen) are
+kept between rollouts (`_kept`): when one block trains, the other blocks' copies need not be rebuilt for
+every rollout, which costs a small model a noticeable share of its rollout in per-op work.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from onelayer.policy import fused
 from onelayer.policy.ops import _eps, _use_onednn, linear
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (fingerprint, gathered weights)
+KEEP_MODEL_BYTES = 128 << 20  # keep gathered weights only for models this small: for larger ones the copies
+# would hold a sizeable share of the weights' memory again, and gathering is a small part of their rollout
 
 
 def _fingerprint(params: list[torch.Tensor]) -> tuple:
@@ -77,12 +80,12 @@ class LeanDecoder:
         # fewer, larger ops where per-op overhead dominates (CPU); `fold` overrides (tests run both layouts)
         self.fold = self.device.type == "cpu" if fold is None else fold
         self.embed = inner.embed_tokens
-        self.batch, self.max_len = batch, max_len
-        if self.fold:  # copies: kept for frozen weights (`_kept`)
+        if self.fold and sum(p.numel() * p.element_size() for p in model.parameters()) <= KEEP_MODEL_BYTES:
+            # a small model's copies, kept for frozen weights (`_kept`)
             self.layers = [_kept(b, list(b.parameters()), lambda b=b: self._gather(b)) for b in inner.layers]
             head = [*model.lm_head.parameters(), *inner.norm.parameters()]
             self.head = _kept(model.lm_head, head, lambda: self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm))
-        else:  # the model's own tensors
+        else:  # gathered afresh (on GPU: the model's own tensors)
             self.layers = [self._gather(b) for b in inner.layers]
             self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
         positions = torch.arange(max_len, device=self.device)[None]
@@ -178,10 +181,8 @@ class LeanDecoder:
         attend to slots 0..start+S-1 under the bool `mask` [B, 1, S, start+S] (None: all). `rows` maps the
         batch rows to rows of `captured`. Returns the logits of the last position, [B, V]. One-token steps
         go to the compiled step where it was checked and measured faster (`policy.fused`)."""
-        if ids.shape[1] == 1 and self.fused is not None:
-            how = self.fused.mode(self._forward, ids, positions, start, mask, rows)
-            if how != "python":
-                return self.fused(ids, positions, start, mask, rows, packed=how == "packed")
+        if ids.shape[1] == 1 and self.fused is not None and self.fused.serves(self._forward, ids, positions, start, mask, rows):
+            return self.fused(ids, positions, start, mask, rows)
         return self._forward(ids, positions, start, mask, rows)
 
     def _forward(self, ids, positions, start, mask, rows=None) -> torch.Tensor:

@@ -14,11 +14,6 @@ A decoder uses it only when it built, when its logits and new KV-cache entries m
 Python step on that step's shapes. The timing is kept with the matmul choices (`kernels.store`), so later
 processes on the machine reuse it and stay reproducible. ``ONELAYER_FUSED_DECODE=off`` turns it off,
 ``on`` skips the timing (still checked); `choices()` says what each process decided and why.
-
-A third variant runs the same step on weights packed beforehand by MKL for the batch's row count
-(``mkl::_mkl_reorder_linear_weight``), which saves the GEMM's own packing of each weight on every call. It
-is timed with the other two, its packing counted, and serves where it measured faster; a frozen block's
-packed weights are kept with its gathered ones between rollouts (`decoder._kept`).
 """
 
 from __future__ import annotations
@@ -123,8 +118,7 @@ class FusedStep:
         self.eps = L[0]["qkv"]["eps"]
         self.qeps = L[0]["qk_norm"][1] if L[0]["qk_norm"] is not None else 1e-6
         self._flags: dict[int, list[bool]] = {}  # per batch size: the matmuls' kernels
-        self._packed: dict[int, list[torch.Tensor]] = {}  # per batch size: the weights packed by MKL for it
-        self._modes: dict[int, str] = {}  # per batch-size band: "python", "fused" or "packed" (`decide`)
+        self._serves: dict[int, bool] = {}  # per batch-size band: whether this step serves (`decide`)
         H = self.qkv_w[0].shape[1]
         self.shape = (f"H{H}-I{self.d_w[0].shape[1]}-h{dec.heads}-kv{dec.kv_heads}-d{dec.head_dim}-L{len(L)}"
                       f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}")
@@ -140,33 +134,15 @@ class FusedStep:
                               _use_onednn(x, self.gu_w[0]), _use_onednn(inner, self.d_w[0]), _use_onednn(x, self.head_w)]
         return self._flags[B]
 
-    def packed(self, B: int) -> list[torch.Tensor]:
-        """Every matmul's weight packed by MKL for B rows (per block qkv, o, gate/up, down, then the head). Each
-        is packed once and kept with its gathered weights, for one batch size at a time (so a frozen block's,
-        kept between rollouts, is packed once per run)."""
-        out = []
-        parts = [(lay, [lay["qkv"], lay["o"], lay["gate_up"], lay["down"]]) for lay in self.dec.layers]
-        for holder, projections in [*parts, (self.dec.head, [self.dec.head])]:
-            kept = holder.get("packed")
-            if kept is None or kept[0] != B:
-                kept = holder["packed"] = (B, [_pack(_weight(proj), B) for proj in projections])
-            out += kept[1]
-        return out
-
-    def mode(self, python, ids, positions, start, mask, rows) -> str:
-        """How a one-token step of `ids`' batch size runs: "python" (the decoder's own step), "fused" (this one)
-        or "packed" (this one on MKL-packed weights where the batch is the decoder's full one); `decide`, once
-        per band."""
+    def serves(self, python, ids, positions, start, mask, rows) -> bool:
+        """Whether this step serves a one-token step of `ids`' batch size (`decide`, once per band)."""
         band = kernels._bucket(ids.shape[0])
-        if band not in self._modes:
-            self._modes[band] = decide(self, python, ids, positions, start, mask, rows)
-        return self._modes[band]
+        if band not in self._serves:
+            self._serves[band] = decide(self, python, ids, positions, start, mask, rows)
+        return self._serves[band]
 
-    def __call__(self, ids, positions, start, mask, rows, packed: bool = False):
-        """The step; `packed`: on MKL-packed weights when the batch is the decoder's full one (they are packed
-        for that row count only)."""
+    def __call__(self, ids, positions, start, mask, rows):
         dec, B = self.dec, ids.shape[0]
-        packed_w = self.packed(B) if packed and B == dec.batch else []
         x = dec.embed(ids)[:, 0]
         rot = torch.view_as_real(dec.rot[positions[:, 0]])
         mask2d = self.empty if mask is None else mask[:, 0, 0]
@@ -174,21 +150,8 @@ class FusedStep:
         return self.module.decode_step(
             x, rot, self.qkv_w, self.qkv_b, self.qkn, self.o_w, self.o_b, self.gu_w, self.gu_b, self.d_w, self.d_b,
             dec.k, dec.v, self.head_w, self.head_b, start, mask2d, dec.heads, dec.kv_heads, dec.head_dim, self.eps,
-            self.qeps, self._kernels(B), packed_w, capture, dec.captured if dec.captured is not None else self.empty,
+            self.qeps, self._kernels(B), capture, dec.captured if dec.captured is not None else self.empty,
             rows if rows is not None else torch.empty(0, dtype=torch.long)).float()
-
-
-def _weight(entry) -> torch.Tensor:
-    """The matrix of a gathered projection: {"w": [W], ...} (norm folded in) or (W, b)."""
-    return entry["w"][0] if isinstance(entry, dict) else entry[0]
-
-
-def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
-
-
-def packing_available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 
 
 def for_decoder(dec) -> FusedStep | None:
@@ -216,47 +179,32 @@ def _time(fn, reps: int = 5) -> float:
     return kernels._time(fn, reps)  # best of `reps` after one untimed call
 
 
-def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
-    """How this decoder's one-token steps run at this batch size's band ("python", "fused" or "packed"; see
-    `FusedStep.mode`): each compiled variant checked against the Python step `python` on this step's inputs,
-    then all timed (or the stored timing reused). The packed variant counts its packing, spread over the
-    rollout's remaining steps, and is a candidate only at the decoder's full batch. The caller then runs the
-    chosen path, which rewrites this step's cache entries."""
+def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> bool:
+    """Whether `step` serves this decoder's one-token steps (at this batch size's band): checked against the
+    Python step `python` on this step's inputs, then timed against it (or the stored timing reused). Leaves
+    the cache as the chosen path writes it."""
     dec, B = step.dec, ids.shape[0]
     key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}"
     if key not in _DECIDED:
-        args = (ids, positions, start, mask, rows)
-        want = python(*args)
+        want = python(ids, positions, start, mask, rows)
         want_entries = _entries(dec, B, start, rows)
-
-        def error(packed: bool) -> float:
-            got = step(*args, packed=packed)
-            return max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows), want_entries)])
-
-        err = error(False)
-        pack_s, packed_err = 0.0, None
-        if packing_available() and B == dec.batch:
-            t0 = time.perf_counter()
-            step.packed(B)
-            pack_s = time.perf_counter() - t0
-            packed_err = error(True)
+        got = step(ids, positions, start, mask, rows)
+        err = max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows), want_entries)])
         if err > TOL:
             _DECIDED[key] = {"choice": "python", "reason": f"the compiled step differed by {err:.1e} (relative)"}
         elif mode() == "on":
             _DECIDED[key] = {"choice": "fused", "reason": f"{ENV}=on"}
-        elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", "fused", "packed"):
+        elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", "fused"):
             _DECIDED[key] = {**saved, "reason": "measured earlier on this machine"}
         else:
+            args = (ids, positions, start, mask, rows)
             times = {"python": _time(lambda: python(*args)), "fused": _time(lambda: step(*args))}
             choice = "fused" if times["fused"] < times["python"] * (1 - MARGIN) else "python"
-            if packed_err is not None and packed_err <= TOL:
-                times["packed"] = _time(lambda: step(*args, packed=True)) + pack_s / max(1, dec.max_len - start)
-                if times["packed"] < times[choice] * (1 - MARGIN):
-                    choice = "packed"
             kernels.store(key, choice, times)
             _DECIDED[key] = {"choice": choice, **times, "reason": "measured"}
-            _LOG.info("decode step %s: %s -> %s", key, ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in times.items()), choice)
-    return _DECIDED[key]["choice"]
+            _LOG.info("decode step %s: python %.3g ms, fused %.3g ms -> %s", key, times["python"] * 1e3,
+                      times["fused"] * 1e3, choice)
+    return _DECIDED[key]["choice"] == "fused"
 
 
 def choices() -> dict:

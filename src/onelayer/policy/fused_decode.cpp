@@ -27,21 +27,10 @@ static Tensor mkl_linear_add(const Tensor& a, const Tensor& other, const Tensor&
 
 static c10::optional<Tensor> opt(const Tensor& t) { return t.defined() && t.numel() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
-// MKL's GEMM on a weight packed beforehand for exactly x's row count (mkl::_mkl_reorder_linear_weight)
-static Tensor packed_linear(const Tensor& x, const Tensor& packed, const Tensor& w, const Tensor& b) {
-  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "");
-  std::vector<c10::IValue> stack{x, packed, w, opt(b), c10::IValue(x.size(0))};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
-}
-
-// packed: the weight packed for x's rows, or undefined/empty (then oneDNN or torch's GEMM, per `onednn`)
-static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, bool onednn, const Tensor& packed) {
-  if (packed.defined() && packed.numel()) return packed_linear(x, packed, w, b);
+static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
   return onednn ? mkl_linear(x, w, opt(b)) : at::linear(x, w, opt(b));
 }
-static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, bool onednn, const Tensor& packed) {
-  if (packed.defined() && packed.numel()) return x + packed_linear(a, packed, w, b);
+static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
   return onednn ? mkl_linear_add(a, x, w, opt(b)) : x + at::linear(a, w, opt(b));
 }
 
@@ -68,15 +57,12 @@ static Tensor rms(const Tensor& x, double eps) {
 // an empty bias is none. kc/vc [Bmax, kvh, Lmax, d] caches (rows 0..B-1 in use); the new entries go to slot
 // `start`. mask: bool, row b's slot t visible when mask[b, t] (rows strided, slots contiguous) or empty.
 // capture >= 0: the hidden states entering that block are written to captured[rows or 0..B-1, start].
-// onednn: which kernel each of the qkv, o, gate/up, down and head matmuls uses; packed: empty, or per block
-// its qkv, o, gate/up and down weights and then the head's packed by MKL for B rows (they then serve
-// instead). Returns the logits [B, V].
+// onednn: which kernel each of the qkv, o, gate/up, down and head matmuls uses. Returns the logits [B, V].
 Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<Tensor> qkv_b, std::vector<Tensor> qkn,
                    std::vector<Tensor> o_w, std::vector<Tensor> o_b, std::vector<Tensor> gu_w, std::vector<Tensor> gu_b,
                    std::vector<Tensor> d_w, std::vector<Tensor> d_b, std::vector<Tensor> kc, std::vector<Tensor> vc,
                    Tensor head_w, Tensor head_b, int64_t start, Tensor mask, int64_t h, int64_t kvh, int64_t d,
-                   double eps, double qeps, std::vector<bool> onednn, std::vector<Tensor> packed, int64_t capture, Tensor captured,
-                   Tensor rows) {
+                   double eps, double qeps, std::vector<bool> onednn, int64_t capture, Tensor captured, Tensor rows) {
   const int64_t B = x.size(0), H = x.size(1), end = start + 1, g = h / kvh, half = d / 2;
   const int64_t L = kc[0].size(2);
   const float* rp = rot.data_ptr<float>();
@@ -84,8 +70,6 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
   const int64_t mstride = mp ? mask.stride(0) : 0;
   TORCH_CHECK(!mp || mask.stride(1) == 1, "decode_step: the mask's slots must be contiguous");
   TORCH_CHECK(end <= kc[0].size(2) && d <= 1024 && end <= 4096, "decode_step: cache or head size out of range");
-  const Tensor none;
-  auto pk = [&](size_t j) -> const Tensor& { return packed.empty() ? none : packed[j]; };
   auto q = at::empty({B, h, d}, x.options());
   auto att = at::empty({B, h * d}, x.options());
   for (size_t i = 0; i < qkv_w.size(); ++i) {
@@ -93,7 +77,7 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
       if (rows.defined() && rows.numel()) captured.index_put_({rows, start}, x);
       else captured.select(1, start).narrow(0, 0, B).copy_(x);
     }
-    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], onednn[0], pk(4 * i)).contiguous();  // [B, (h+2kvh)d]
+    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], onednn[0]).contiguous();  // [B, (h+2kvh)d]
     const float* src = qkv.data_ptr<float>();
     const float* wn = qkn[i].numel() ? qkn[i].data_ptr<float>() : nullptr;
     float* qp = q.data_ptr<float>();
@@ -162,10 +146,10 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
         }
       }
     });
-    x = lin_add(att, x, o_w[i], o_b[i], onednn[1], pk(4 * i + 1));
-    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], onednn[2], pk(4 * i + 2));
+    x = lin_add(att, x, o_w[i], o_b[i], onednn[1]);
+    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], onednn[2]);
     auto parts = gu.chunk(2, -1);
-    x = lin_add(at::silu(parts[0]) * parts[1], x, d_w[i], d_b[i], onednn[3], pk(4 * i + 3));
+    x = lin_add(at::silu(parts[0]) * parts[1], x, d_w[i], d_b[i], onednn[3]);
   }
-  return lin(rms(x, eps), head_w, head_b, onednn[4], pk(4 * qkv_w.size()));
+  return lin(rms(x, eps), head_w, head_b, onednn[4]);
 }
