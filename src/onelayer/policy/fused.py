@@ -31,7 +31,9 @@ from onelayer.policy import kernels
 ENV = "ONELAYER_FUSED_DECODE"
 MARGIN = 0.05  # the compiled step replaces the Python one only when at least this much faster
 TOL = 1e-5
-CFLAGS = ["-O3", "-fopenmp", "-march=native"]  # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it
+# -fopenmp: ATen's parallel_for is inline OpenMP, serial without it. -fno-math-errno -fno-trapping-math (torch's
+# own flags): loops with floor or a select vectorise; no reassociation, so every sum keeps its order
+CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("fused_decode.cpp", "fused_train.cpp"))
 FUNCTIONS = ["decode_step", "rms_fwd", "rms_bwd", "qkv_fwd", "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
 _LOG = logging.getLogger("onelayer.fused")

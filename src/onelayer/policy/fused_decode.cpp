@@ -1,7 +1,7 @@
 // One-token decode step of onelayer's lean decoder (onelayer/policy/decoder.py, the CPU "fold" layout) in one
 // call: per block the input RMSNorm, the q/k/v projection, the per-head q/k RMSNorm, rotary, the KV-cache
-// write, attention over the cache and the MLP, then the head. Norms, rotary, the cache write and attention
-// are loops here (rows split over torch's intra-op threads; each row's arithmetic is the same whatever
+// write, attention over the cache and the MLP, then the head. Norms, rotary, the cache write, attention and
+// SwiGLU are loops here (rows split over torch's intra-op threads; each row's arithmetic is the same whatever
 // the thread count); the matmuls go to oneDNN or torch's GEMM as onelayer/policy/kernels.py chose per
 // shape. Built and loaded by onelayer/policy/fused.py, which checks it against the Python step.
 #include <torch/extension.h>
@@ -30,8 +30,40 @@ static c10::optional<Tensor> opt(const Tensor& t) { return t.defined() && t.nume
 static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
   return onednn ? mkl_linear(x, w, opt(b)) : at::linear(x, w, opt(b));
 }
+// x + a w^T (+ b): the add fused into the matmul (oneDNN's post-op, or the GEMM's beta = 1)
 static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
-  return onednn ? mkl_linear_add(a, x, w, opt(b)) : x + at::linear(a, w, opt(b));
+  if (onednn) return mkl_linear_add(a, x, w, opt(b));
+  return b.defined() && b.numel() ? x + at::linear(a, w, b) : at::addmm(x, a, w.t());
+}
+
+// exp(x) in arithmetic the compiler vectorises (Cody-Waite range reduction and Cephes' degree-6 polynomial,
+// within 2 ulp of expf over the float range; clamped where expf would over- or underflow). The module is
+// built with -fno-math-errno -fno-trapping-math (as torch is) so that loops calling it vectorise.
+static inline float vexp(float x) {
+  x = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.f;
+  return e * __builtin_bit_cast(float, ((int32_t)n + 127) << 23);
+}
+
+// silu(g) u of gu [R, 2I] (gate | up) in one pass, rows split over threads
+static Tensor swiglu_rows(const Tensor& gu) {
+  const int64_t R = gu.size(0), I = gu.size(1) / 2;
+  auto y = at::empty({R, I}, gu.options());
+  const float* p = gu.data_ptr<float>(); float* o = y.data_ptr<float>();
+  at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = p + r * 2 * I; const float* u = g + I; float* out = o + r * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) out[i] = g[i] / (1.f + vexp(-g[i])) * u[i];
+    }
+  });
+  return y;
 }
 
 // RMSNorm of the rows of a [R, H] float tensor, without a weight (it is folded into the next matmul)
@@ -39,15 +71,17 @@ static Tensor rms(const Tensor& x, double eps) {
   auto y = at::empty_like(x);
   const int64_t R = x.size(0), H = x.size(1);
   const float* xp = x.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) {
-    const float* a = xp + r * H; float* o = yp + r * H;
-    float ss = 0.f;
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = xp + r * H; float* o = yp + r * H;
+      float ss = 0.f;
 #pragma omp simd reduction(+:ss)
-    for (int64_t i = 0; i < H; ++i) ss += a[i] * a[i];
-    const float inv = 1.f / std::sqrt(ss / (float)H + (float)eps);
+      for (int64_t i = 0; i < H; ++i) ss += a[i] * a[i];
+      const float inv = 1.f / std::sqrt(ss / (float)H + (float)eps);
 #pragma omp simd
-    for (int64_t i = 0; i < H; ++i) o[i] = a[i] * inv;
-  }
+      for (int64_t i = 0; i < H; ++i) o[i] = a[i] * inv;
+    }
+  });
   return y;
 }
 
@@ -147,9 +181,8 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
       }
     });
     x = lin_add(att, x, o_w[i], o_b[i], onednn[1]);
-    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], onednn[2]);
-    auto parts = gu.chunk(2, -1);
-    x = lin_add(at::silu(parts[0]) * parts[1], x, d_w[i], d_b[i], onednn[3]);
+    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], onednn[2]).contiguous();
+    x = lin_add(swiglu_rows(gu), x, d_w[i], d_b[i], onednn[3]);
   }
   return lin(rms(x, eps), head_w, head_b, onednn[4]);
 }
