@@ -70,3 +70,9 @@ def test_first_steps_match_the_golden_metrics(name, tmp_path, base_dir):
     for g, w in zip(got, want):
         for key in KEYS:
             assert g[key] == pytest.approx(w[key], rel=RTOL, abs=ATOL), f"step {g['step']} {key}: {g[key]} != {w[key]}"
+
+
+def test_a_cpu_without_golden_metrics_skips_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "cpu_model", lambda: "Some Other CPU")
+    with pytest.raises(pytest.skip.Exception, match="no golden metrics recorded on this CPU .'Some Other CPU'"):
+        test_first_steps_match_the_golden_metrics("grid_gigpo", tmp_path, None)
