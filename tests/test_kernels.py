@@ -1,9 +1,10 @@
-"""CPU kernel choice by measurement: per shape, cached for the process and on disk, and both kernels agree."""
+"""CPU kernel choice by measurement: per shape, cached for the process and on disk, and every kernel agrees."""
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from onelayer.models import build_tiny
 from onelayer.policy import kernels, lean_sequence_logprobs
@@ -11,6 +12,17 @@ from onelayer.policy.decoder import LeanDecoder
 from onelayer.policy.ops import causal_allowed, position_ids
 
 needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="oneDNN not in this torch build")
+
+
+@pytest.fixture
+def split_kernel():
+    """The split kernel runs here: two or more threads and the compiled module."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("the split kernel needs two or more intra-op threads")
+    from onelayer.policy import fused
+
+    if fused.extension() is None:
+        pytest.skip(f"the compiled module is unavailable here: {fused.build_note()}")
 
 
 @pytest.fixture
@@ -63,7 +75,8 @@ def test_weight_gradient_shapes_are_bucketed_by_their_token_dimension(fresh, mon
 def test_real_measurement_returns_positive_times(fresh):
     for transposed in (False, True):
         times = kernels.measure(16, 64, 128, transposed=transposed)
-        assert set(times) == {"default", "onednn"} and all(t > 0 for t in times.values())
+        assert {"default", "onednn"} <= set(times) and all(t > 0 for t in times.values())
+        assert ("split" in times) == (not transposed and "split" in kernels.available())
 
 
 @needs_onednn
@@ -83,6 +96,51 @@ def test_both_kernels_give_the_same_logprobs_and_logits(monkeypatch, fold):
             dec = LeanDecoder(model, 4, 10, fold=fold)
             logits = dec.forward(ids, position_ids(mask), 0, causal_allowed(mask))
         out[kernel] = (logp.detach(), grads, logits)
-    (a, ga, la), (b, gb, lb) = out["default"], out["onednn"]
-    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(la, lb, atol=1e-5)
-    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
+    a, ga, la = out["default"]
+    for kernel in kernels.KERNELS[1:]:
+        b, gb, lb = out[kernel]
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(la, lb, atol=1e-5), kernel
+        assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb)), kernel
+
+
+def test_the_fastest_kernel_wins_only_by_the_margin(fresh, monkeypatch):
+    times = {64: {"default": 1.0, "onednn": 0.8, "split": 0.6}, 128: {"default": 1.0, "onednn": 1.2, "split": 0.97},
+             256: {"default": 1.0, "onednn": 0.9, "split": 1.3}}
+    monkeypatch.setattr(kernels, "available", lambda: kernels.KERNELS)
+    monkeypatch.setattr(kernels, "measure", lambda m, k, n, transposed=False: times[n])
+    assert [kernels.choose(64, 32, n) for n in (64, 128, 256)] == ["split", "default", "onednn"]
+    assert "1 split" in kernels.summary() and "1 onednn" in kernels.summary()
+
+
+def test_split_kernel_matches_the_default_with_bias_and_residual(split_kernel):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 7, 64, generator=g), torch.randn(100, 64, generator=g), torch.randn(100, generator=g)
+    add = torch.randn(5, 7, 100, generator=g)
+    torch.testing.assert_close(kernels.split_linear(x, w, None), F.linear(x, w), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kernels.split_linear(x, w, b), F.linear(x, w, b), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kernels.split_linear(x, w, b, add), add + F.linear(x, w, b), rtol=1e-6, atol=1e-5)
+    # inside autograd's forward (grad off) and under inference mode alike; gradients flow through ops.linear
+    with torch.inference_mode():
+        assert kernels.split_linear(x, w, b).shape == (5, 7, 100)
+    from onelayer.policy.ops import _ChosenLinear
+
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    _ChosenLinear.apply(xr, wr, b, "split").square().sum().backward()
+    xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.linear(xd, wd, b).square().sum().backward()
+    torch.testing.assert_close(xr.grad, xd.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(wr.grad, wd.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_a_choice_holds_for_the_thread_count_it_was_measured_at(fresh, monkeypatch):
+    """The split kernel runs only on 2+ threads: a choice made at 2 must not serve a run at 1 (`--threads 1`)."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(kernels, "available", lambda: ("default", "split") if torch.get_num_threads() > 1 else ("default",))
+    monkeypatch.setattr(kernels, "measure", lambda m, k, n, transposed=False: {"default": 1.0, "split": 0.5})
+    try:
+        torch.set_num_threads(2)
+        assert kernels.choose(64, 32, 512) == "split"
+        torch.set_num_threads(1)
+        assert kernels.choose(64, 32, 512) == "default" and kernels.choices() == {}
+    finally:
+        torch.set_num_threads(before)

@@ -123,12 +123,14 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
     if threads:
         torch.set_num_threads(threads)
     rows = base.prompts * base.num_generations  # the decode matmuls' row count
-    rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel) for kernel in ("torch", "onednn")}
+    rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel)
+             for kernel in ("torch", "onednn", "split")}
     rate = max(rates.values())  # the floor uses the fastest matmul this machine offers
     result: dict = {"model": model, "settings": {k: getattr(base, k) for k in PER_MODEL_KEYS},
                     "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
                     "matmul_shape": [rows, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
-                    "onednn_matmul_gflops": round(rates["onednn"], 1), "floor_gflops": round(rate, 1),
+                    "onednn_matmul_gflops": round(rates["onednn"], 1), "split_matmul_gflops": round(rates["split"], 1),
+                    "floor_gflops": round(rate, 1),
                     "kernel_choice": kernels.choose(rows, s["H"], s["I"]) if device == "cpu" else "default",
                     "runs": {}}
     tools = ("onelayer", "trl") if with_trl else ("onelayer",)
@@ -241,14 +243,15 @@ def format_report(result: dict) -> str:
         lines.append(f"{name} (hidden {m['shape']['H']} x {m['shape']['L']} blocks; middle block {m['middle_block']}; "
                      f"{c['prompts']} prompts x G={c['num_generations']}, <= {c['max_new_tokens']} new tokens, "
                      f"{c['prompt_format']} arith level {c['difficulty']}; "
-                     f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, onednn {m['onednn_matmul_gflops']} "
-                     f"GFLOP/s, chosen {m['kernel_choice']})")
+                     f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, onednn {m['onednn_matmul_gflops']}, "
+                     f"split {m.get('split_matmul_gflops', '-')} GFLOP/s, chosen {m['kernel_choice']})")
         for layers in ("all", "middle:1"):
             run = m["runs"][f"onelayer/{layers}"]
             made = [c["choice"] for c in run.get("cpu_kernels", {}).values()]
             if made:
-                lines.append(f"  onelayer {layers:9s} kernels: {made.count('onednn')} shapes onednn, "
-                             f"{made.count('default')} default; decode step: {_decode_note(run.get('decode_step', {}))}; "
+                per_kernel = ", ".join(f"{made.count(k)} {k}" for k in kernels.KERNELS if made.count(k))
+                lines.append(f"  onelayer {layers:9s} kernels: shapes {per_kernel}; "
+                             f"decode step: {_decode_note(run.get('decode_step', {}))}; "
                              f"training ops: {_train_note(run.get('train_ops', {}))}")
         for layers, key in (("all", "full"), ("middle:1", "layer")):
             ph = s[f"onelayer_{key}_phases_s"]

@@ -2,10 +2,10 @@
 
 The floor is the step's matrix-multiply FLOPs (rollout with a KV cache, forward and backward of the
 update; see `step_flops`) divided by the rate this machine measures for a 64 x H x I matmul, the shape of
-one decode step's MLP — what a step would take with no overhead at all at that rate. Two rates are
-measured (`matmul_gflops`): torch's default `a @ b` and the linear onelayer's lean path uses (oneDNN on
-CPU where available); the floor takes the faster, so onelayer is not measured against a floor its own
-kernels beat.
+one decode step's MLP — what a step would take with no overhead at all at that rate. Each kernel
+onelayer's lean paths choose from is measured (`matmul_gflops`): torch's default `a @ b`, oneDNN's linear
+and the column split over threads, where available; the floor takes the fastest, so onelayer is not measured
+against a floor its own kernels beat.
 """
 
 from __future__ import annotations
@@ -68,13 +68,12 @@ def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_toke
 def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu", kernel: str = "torch") -> float:
     """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`.
 
-    kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "onednn": oneDNN's linear, the
-    other kernel onelayer's lean paths choose from (`onelayer.policy.kernels`; torch's where oneDNN is
-    unavailable)."""
+    kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "onednn" and "split": the other
+    kernels onelayer's lean paths choose from (`onelayer.policy.kernels`; torch's where one is unavailable)."""
     a, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     wt = w.t().contiguous()
-    use_onednn = kernel == "onednn" and kernels.onednn_available() and device == "cpu"
-    fn = (lambda: kernels.onednn_linear(a, w, None)) if use_onednn else (lambda: a @ wt)
+    other = kernel in ("onednn", "split") and kernel in kernels.available() and device == "cpu"
+    fn = (lambda: kernels.run(kernel, a, w)) if other else (lambda: a @ wt)
     with torch.inference_mode():
         for _ in range(10):
             fn()

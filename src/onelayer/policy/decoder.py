@@ -18,8 +18,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from onelayer.policy import fused
-from onelayer.policy.ops import _eps, _use_onednn, linear
+from onelayer.policy import fused, kernels
+from onelayer.policy.ops import _eps, _kernel, linear
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (fingerprint, gathered weights)
 KEEP_MODEL_BYTES = 128 << 20  # keep gathered weights only for models this small: for larger ones the copies
@@ -170,9 +170,12 @@ class LeanDecoder:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     def _residual(self, x, a, w, b):
-        """x + a W^T (+ b); where oneDNN runs this shape on CPU, the add is fused into its matmul."""
-        if self.fold and _use_onednn(a, w):
+        """x + a W^T (+ b); where oneDNN or the split kernel runs this shape on CPU, the add is fused into its matmul."""
+        kernel = _kernel(a, w) if self.fold else "default"
+        if kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise.binary(a, x, w, b, "add")
+        if kernel == "split":
+            return kernels.split_linear(a, w, b, x)
         return x + linear(a, w, b)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None,

@@ -35,7 +35,7 @@ TOL = 1e-5
 # own flags): loops with floor or a select vectorise; no reassociation, so every sum keeps its order
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("fused_decode.cpp", "fused_train.cpp"))
-FUNCTIONS = ["decode_step", "rms_fwd", "rms_bwd", "qkv_fwd", "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
+FUNCTIONS = ["decode_step", "split_linear", "rms_fwd", "rms_bwd", "qkv_fwd", "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
 _LOG = logging.getLogger("onelayer.fused")
 _EXT: dict[str, object] = {}  # "module" or "reason"
 _DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused" (s), "reason"}
@@ -119,21 +119,23 @@ class FusedStep:
         self.head_w, self.head_b = dec.head["w"][0], bias(dec.head["b"])
         self.eps = L[0]["qkv"]["eps"]
         self.qeps = L[0]["qk_norm"][1] if L[0]["qk_norm"] is not None else 1e-6
-        self._flags: dict[int, list[bool]] = {}  # per batch size: the matmuls' kernels
+        self._flags: dict[int, list[int]] = {}  # per batch size: the matmuls' kernels
         self._serves: dict[int, bool] = {}  # per batch-size band: whether this step serves (`decide`)
         H = self.qkv_w[0].shape[1]
         self.shape = (f"H{H}-I{self.d_w[0].shape[1]}-h{dec.heads}-kv{dec.kv_heads}-d{dec.head_dim}-L{len(L)}"
                       f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}")
 
-    def _kernels(self, B: int) -> list[bool]:
-        """Whether each of the qkv, o, gate/up, down and head matmuls runs on oneDNN at B rows (the Python
-        step's choices), worked out once per batch size."""
+    def _kernels(self, B: int) -> list[int]:
+        """Which kernel (its index in `kernels.KERNELS`) each of the qkv, o, gate/up, down and head matmuls
+        runs on at B rows (the Python step's choices), worked out once per batch size."""
         if B not in self._flags:
-            from onelayer.policy.ops import _use_onednn
+            from onelayer.policy.ops import _kernel
 
             x, inner = torch.empty(B, self.qkv_w[0].shape[1]), torch.empty(B, self.d_w[0].shape[1])
-            self._flags[B] = [_use_onednn(x, self.qkv_w[0]), _use_onednn(torch.empty(B, self.o_w[0].shape[1]), self.o_w[0]),
-                              _use_onednn(x, self.gu_w[0]), _use_onednn(inner, self.d_w[0]), _use_onednn(x, self.head_w)]
+            att = torch.empty(B, self.o_w[0].shape[1])
+            self._flags[B] = [kernels.KERNELS.index(_kernel(a, w)) for a, w in
+                              ((x, self.qkv_w[0]), (att, self.o_w[0]), (x, self.gu_w[0]), (inner, self.d_w[0]),
+                               (x, self.head_w))]
         return self._flags[B]
 
     def serves(self, python, ids, positions, start, mask, rows) -> bool:

@@ -2,10 +2,11 @@
 // call: per block the input RMSNorm, the q/k/v projection, the per-head q/k RMSNorm, rotary, the KV-cache
 // write, attention over the cache and the MLP, then the head. Norms, rotary, the cache write, attention and
 // SwiGLU are loops here (rows split over torch's intra-op threads; each row's arithmetic is the same whatever
-// the thread count); the matmuls go to oneDNN or torch's GEMM as onelayer/policy/kernels.py chose per
-// shape. Built and loaded by onelayer/policy/fused.py, which checks it against the Python step.
+// the thread count); the matmuls go to oneDNN, torch's GEMM or `split_linear` as onelayer/policy/kernels.py
+// chose per shape. Built and loaded by onelayer/policy/fused.py, which checks it against the Python step.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <cmath>
 #include <vector>
 
@@ -27,12 +28,52 @@ static Tensor mkl_linear_add(const Tensor& a, const Tensor& other, const Tensor&
 
 static c10::optional<Tensor> opt(const Tensor& t) { return t.defined() && t.numel() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
-static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
-  return onednn ? mkl_linear(x, w, opt(b)) : at::linear(x, w, opt(b));
+// x w^T (+ b) (+ add) with the output's columns split over torch's intra-op threads, each part one GEMM call
+// on its own thread (a GEMM called inside a parallel region runs on that thread alone). For the few-row
+// matmuls of decoding, where the GEMM's own threading gains little on a few cores; each output element is the
+// same dot product over k as in one call. onelayer/policy/kernels.py times it against the other two per shape.
+Tensor split_linear(Tensor x, Tensor w, Tensor b, Tensor add) {
+  const int64_t n = w.size(0), k = w.size(1);
+  auto x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  const bool has_b = b.defined() && b.numel(), has_add = add.defined() && add.numel();
+  auto add2 = has_add ? add.reshape({m, n}) : add;
+  auto y = at::empty({m, n}, x.options());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16));
+  const int64_t chunk = ((n + parts - 1) / parts + 15) / 16 * 16;  // whole vectors of columns per part
+  const at::ThreadLocalState state;  // grad and inference mode as the caller has them
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t lo = p * chunk, len = std::min(n, lo + chunk) - lo;
+      if (len <= 0) continue;
+      auto out = y.narrow(1, lo, len);
+      auto wt = w.narrow(0, lo, len).t();
+      if (has_add) {
+        at::addmm_out(out, add2.narrow(1, lo, len), x2, wt);
+        if (has_b) out.add_(b.narrow(0, lo, len));
+      } else if (has_b) {
+        at::addmm_out(out, b.narrow(0, lo, len), x2, wt);
+      } else {
+        at::mm_out(out, x2, wt);
+      }
+    }
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return y.view(shape);
+}
+
+// kernel: 0 torch's GEMM, 1 oneDNN, 2 split_linear (the order of onelayer/policy/kernels.py's KERNELS)
+static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, int64_t kernel) {
+  if (kernel == 1) return mkl_linear(x, w, opt(b));
+  if (kernel == 2) return split_linear(x, w, b, Tensor());
+  return at::linear(x, w, opt(b));
 }
 // x + a w^T (+ b): the add fused into the matmul (oneDNN's post-op, or the GEMM's beta = 1)
-static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, bool onednn) {
-  if (onednn) return mkl_linear_add(a, x, w, opt(b));
+static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, int64_t kernel) {
+  if (kernel == 1) return mkl_linear_add(a, x, w, opt(b));
+  if (kernel == 2) return split_linear(a, w, b, x);
   return b.defined() && b.numel() ? x + at::linear(a, w, b) : at::addmm(x, a, w.t());
 }
 
@@ -91,12 +132,12 @@ static Tensor rms(const Tensor& x, double eps) {
 // an empty bias is none. kc/vc [Bmax, kvh, Lmax, d] caches (rows 0..B-1 in use); the new entries go to slot
 // `start`. mask: bool, row b's slot t visible when mask[b, t] (rows strided, slots contiguous) or empty.
 // capture >= 0: the hidden states entering that block are written to captured[rows or 0..B-1, start].
-// onednn: which kernel each of the qkv, o, gate/up, down and head matmuls uses. Returns the logits [B, V].
+// kernels: which kernel each of the qkv, o, gate/up, down and head matmuls uses (as `lin`). Returns the logits [B, V].
 Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<Tensor> qkv_b, std::vector<Tensor> qkn,
                    std::vector<Tensor> o_w, std::vector<Tensor> o_b, std::vector<Tensor> gu_w, std::vector<Tensor> gu_b,
                    std::vector<Tensor> d_w, std::vector<Tensor> d_b, std::vector<Tensor> kc, std::vector<Tensor> vc,
                    Tensor head_w, Tensor head_b, int64_t start, Tensor mask, int64_t h, int64_t kvh, int64_t d,
-                   double eps, double qeps, std::vector<bool> onednn, int64_t capture, Tensor captured, Tensor rows) {
+                   double eps, double qeps, std::vector<int64_t> kernels, int64_t capture, Tensor captured, Tensor rows) {
   const int64_t B = x.size(0), H = x.size(1), end = start + 1, g = h / kvh, half = d / 2;
   const int64_t L = kc[0].size(2);
   const float* rp = rot.data_ptr<float>();
@@ -111,7 +152,7 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
       if (rows.defined() && rows.numel()) captured.index_put_({rows, start}, x);
       else captured.select(1, start).narrow(0, 0, B).copy_(x);
     }
-    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], onednn[0]).contiguous();  // [B, (h+2kvh)d]
+    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], kernels[0]).contiguous();  // [B, (h+2kvh)d]
     const float* src = qkv.data_ptr<float>();
     const float* wn = qkn[i].numel() ? qkn[i].data_ptr<float>() : nullptr;
     float* qp = q.data_ptr<float>();
@@ -180,9 +221,9 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
         }
       }
     });
-    x = lin_add(att, x, o_w[i], o_b[i], onednn[1]);
-    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], onednn[2]).contiguous();
-    x = lin_add(swiglu_rows(gu), x, d_w[i], d_b[i], onednn[3]);
+    x = lin_add(att, x, o_w[i], o_b[i], kernels[1]);
+    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], kernels[2]).contiguous();
+    x = lin_add(swiglu_rows(gu), x, d_w[i], d_b[i], kernels[3]);
   }
-  return lin(rms(x, eps), head_w, head_b, onednn[4]);
+  return lin(rms(x, eps), head_w, head_b, kernels[4]);
 }

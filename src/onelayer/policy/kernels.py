@@ -1,15 +1,20 @@
-"""CPU matmul kernels for the lean paths, chosen per shape by timing both on the running machine.
+"""CPU matmul kernels for the lean paths, chosen per shape by timing them on the running machine.
 
-The lean paths can run a float32 linear through oneDNN (``torch.ops.mkldnn._linear_pointwise``) or
-through torch's default CPU GEMM (``F.linear``). Which is faster depends on the machine: two machines
-that both report "AMD EPYC, 2 cores" disagreed on it. So at the first use of a shape the two are timed
-on that shape (a few repetitions each, best time), and the faster is kept; oneDNN must win by
-``MARGIN`` to replace torch's own kernel, so near-ties stay with the default.
+The lean paths can run a float32 linear through torch's default CPU GEMM (``F.linear``), through oneDNN
+(``torch.ops.mkldnn._linear_pointwise``), or "split": the output's columns divided over the intra-op
+threads, each part one single-threaded GEMM call (`split_linear` in the compiled module, `policy.fused`;
+with two or more threads). Which is fastest depends on the machine and the shape: two machines that both
+report "AMD EPYC, 2 cores" disagreed on oneDNN against the default, and on one of them the default GEMM ran
+a 64-row decode matmul no faster on two threads than on one, where the split ran it 1.1-1.3x faster. So
+at the first use of a shape each available kernel is timed on that shape (a few repetitions each, best
+time), and the fastest is kept; another kernel must beat torch's own by ``MARGIN`` to replace it, so
+near-ties stay with the default.
 
 A choice changes the floating-point summation order, so for runs to stay bitwise reproducible on one
 machine the choices are also stored in the onelayer cache, keyed by host, CPU model, torch version and
 thread count (``$ONELAYER_CACHE/kernels/``); a later process on the same machine reuses them instead of
-timing again. ``ONELAYER_CPU_LINEAR=default|onednn`` forces one kernel everywhere (tests, debugging).
+timing again. ``ONELAYER_CPU_LINEAR=default|onednn|split`` forces one kernel everywhere (tests,
+debugging; a kernel unavailable here falls back to the default).
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("default", "onednn")
-MARGIN = 0.05  # oneDNN replaces the default kernel only when at least this much faster
+KERNELS = ("default", "onednn", "split")  # the compiled decode step numbers them in this order
+MARGIN = 0.05  # another kernel replaces the default only when at least this much faster
+STORE_VERSION = 2  # bump when the candidates change, so stored choices are measured again
 ENV = "ONELAYER_CPU_LINEAR"
 _LOG = logging.getLogger("onelayer.kernels")
-_CHOICES: dict[tuple, str] = {}  # (m, k, n), or (m, k, n, "t") for a weight gradient's transposed operands
+# (threads, m, k, n), or (threads, m, k, n, "t") for a weight gradient's transposed operands: a choice holds for
+# the thread count it was measured at (the split kernel runs only on 2+)
+_CHOICES: dict[tuple, str] = {}
 _TIMES: dict[tuple, dict[str, float]] = {}
 
 
@@ -40,6 +48,38 @@ _ONEDNN = onednn_available()
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _split_module():
+    """The compiled module when the split kernel can run here (2+ threads, the module built), else None."""
+    if torch.get_num_threads() < 2:
+        return None
+    from onelayer.policy import fused
+
+    module = fused.extension()
+    return module if module is not None and hasattr(module, "split_linear") else None
+
+
+def split_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, add: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """x W^T (+ b) (+ add) with W's rows (the output's columns) split over the intra-op threads."""
+    empty = x.new_empty(0)
+    return _split_module().split_linear(x, w, empty if b is None else b, empty if add is None else add)
+
+
+def available() -> tuple[str, ...]:
+    """The kernels that can run here."""
+    return tuple(k for k in KERNELS if k == "default" or (k == "onednn" and _ONEDNN)
+                 or (k == "split" and _split_module() is not None))
+
+
+def run(kernel: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, b)` on `kernel` (no autograd of its own: `ops.linear` wraps it for training)."""
+    if kernel == "onednn":
+        return onednn_linear(x, w, b)
+    if kernel == "split":
+        return split_linear(x, w, b)
+    return F.linear(x, w, b)
 
 
 def cpu_model() -> str:
@@ -65,7 +105,8 @@ def _bucket(m: int) -> int:
 def _store_path():
     from onelayer.io import cache_root
 
-    key = f"{socket.gethostname()}|{cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = (f"v{STORE_VERSION}|{socket.gethostname()}|{cpu_model()}|torch {torch.__version__}"
+           f"|threads {torch.get_num_threads()}")
     safe = "".join(c if c.isalnum() or c in "-." else "_" for c in key)[:160]
     return cache_root() / "kernels" / f"{safe}.json"
 
@@ -115,54 +156,69 @@ def _time(fn, reps: int) -> float:
 
 
 def measure(m: int, k: int, n: int, transposed: bool = False) -> dict[str, float]:
-    """Best-of-a-few seconds of an [m, k] x [n, k]^T float32 linear with each kernel (inference mode).
-    `transposed`: both operands are transposed views, as a weight gradient dY^T X is called (oneDNN then
-    copies them first, the default GEMM reads them as they are, and the copy counts)."""
+    """Best-of-a-few seconds of an [m, k] x [n, k]^T float32 linear with each kernel available here
+    (inference mode). `transposed`: both operands are transposed views, as a weight gradient dY^T X is
+    called (oneDNN then copies them first, the default GEMM reads them as they are, and the copy counts;
+    the split kernel is not offered there)."""
     x, w = (torch.randn(k, m).t(), torch.randn(k, n).t()) if transposed else (torch.randn(m, k), torch.randn(n, k))
     reps = max(3, min(30, int(2e8 / max(1, 2 * m * k * n))))  # ~0.1-0.2 s per shape whatever its size
     with torch.inference_mode():
-        return {"default": _time(lambda: F.linear(x, w), reps), "onednn": _time(lambda: onednn_linear(x, w, None), reps)}
+        return {kernel: _time(lambda kernel=kernel: run(kernel, x, w), reps) for kernel in available()
+                if not (transposed and kernel == "split")}
 
 
 def choose(m: int, k: int, n: int, tokens: str = "m") -> str:
-    """The kernel for an [m, k] x [n, k]^T float32 linear on this machine: 'default' or 'onednn'.
+    """The kernel for an [m, k] x [n, k]^T float32 linear on this machine: one of `KERNELS`.
 
     `tokens` names the dimension that counts tokens ("m", or "k" for a weight gradient dY^T X, whose inner
     dimension is the batch's tokens, and both operands are transposed views); that one is bucketed (`_bucket`)
     and measured at its band's size."""
     forced = os.environ.get(ENV, "auto").lower()
-    if forced in KERNELS:
-        return forced if (forced == "default" or _ONEDNN) else "default"
-    if not _ONEDNN:
+    if forced in KERNELS:  # where the forced kernel cannot run (split: only where the tokens are rows), the default
+        usable = (forced == "default" or (forced == "onednn" and _ONEDNN)
+                  or (forced == "split" and tokens == "m" and _split_module() is not None))
+        return forced if usable else "default"
+    if len(available()) == 1:
         return "default"
     key = (_bucket(m), k, n) if tokens == "m" else (m, _bucket(k), n, "t")
-    if key in _CHOICES:
-        return _CHOICES[key]
+    mem = (torch.get_num_threads(), *key)
+    if mem in _CHOICES:
+        return _CHOICES[mem]
     stored = _load_stored().get("x".join(map(str, key)))
-    if stored is not None and stored.get("choice") in KERNELS:
-        _CHOICES[key] = stored["choice"]
-        _TIMES[key] = {k_: v for k_, v in stored.items() if k_ in KERNELS}
-        return _CHOICES[key]
+    if stored is not None and stored.get("choice") in available():
+        _CHOICES[mem] = stored["choice"]
+        _TIMES[mem] = {k_: v for k_, v in stored.items() if k_ in KERNELS}
+        return _CHOICES[mem]
     times = measure(*key[:3], transposed=tokens != "m")
-    choice = "onednn" if times["onednn"] < times["default"] * (1 - MARGIN) else "default"
-    _CHOICES[key], _TIMES[key] = choice, times
+    choice = _fastest(times)
+    _CHOICES[mem], _TIMES[mem] = choice, times
     _store(key, choice, times)
-    _LOG.info("linear %s: default %.3g ms, onednn %.3g ms -> %s", "x".join(map(str, key)),
-              times["default"] * 1e3, times["onednn"] * 1e3, choice)
+    _LOG.info("linear %s: %s -> %s", "x".join(map(str, key)),
+              ", ".join(f"{k_} {t * 1e3:.3g} ms" for k_, t in times.items()), choice)
     return choice
 
 
+def _fastest(times: dict[str, float]) -> str:
+    """The fastest kernel, where it beats the default by `MARGIN`; otherwise the default."""
+    best = min((k for k in times if k != "default"), key=times.get, default="default")
+    return best if best != "default" and times[best] < times["default"] * (1 - MARGIN) else "default"
+
+
 def choices() -> dict[str, dict]:
-    """Every choice this process made or reused: {"MxKxN": {"choice", "default", "onednn" (seconds)}}."""
-    return {"x".join(map(str, k)): {"choice": c, **_TIMES.get(k, {})} for k, c in sorted(_CHOICES.items())}
+    """Every choice this process made or reused at its current thread count: {"MxKxN": {"choice", and each
+    kernel's seconds}}."""
+    threads = torch.get_num_threads()
+    return {"x".join(map(str, k[1:])): {"choice": c, **_TIMES.get(k, {})} for k, c in sorted(_CHOICES.items())
+            if k[0] == threads}
 
 
 def summary() -> str:
     """One line: how many shapes went to each kernel."""
-    made = list(_CHOICES.values())
+    made = [c["choice"] for c in choices().values()]
     forced = os.environ.get(ENV, "auto").lower()
     if forced in KERNELS:
         return f"forced {forced} ({ENV})"
-    if not _ONEDNN:
-        return "default (oneDNN unavailable)"
-    return f"{made.count('onednn')} shapes onednn, {made.count('default')} default (measured on {cpu_model()})"
+    if len(available()) == 1:
+        return "default (no other kernel available here)"
+    counts = ", ".join(f"{made.count(k)} {k}" for k in available())
+    return f"shapes per kernel: {counts} (measured on {cpu_model()})"

@@ -1,5 +1,5 @@
 """The lean forwards' building blocks: position and mask conventions, RMSNorm as HF computes it, and a
-float32 CPU linear that runs on the kernel measured faster for its shape (`onelayer.policy.kernels`).
+float32 CPU linear that runs on the kernel measured fastest for its shape (`onelayer.policy.kernels`).
 
 Also the two conventions both the lean paths and the model's own forward follow: which cache and
 logits-to-keep arguments a transformers model takes, and the 4-D attention mask it wants.
@@ -37,22 +37,23 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def _use_onednn(x: torch.Tensor, w: torch.Tensor, tokens: str = "m") -> bool:
-    """oneDNN for this float32 CPU linear when it measured faster on this machine (`onelayer.policy.kernels`;
-    `tokens`: which dimension counts tokens)."""
-    return (kernels._ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype
-            and kernels.choose(_rows(x), w.shape[1], w.shape[0], tokens) == "onednn")
+def _kernel(x: torch.Tensor, w: torch.Tensor, tokens: str = "m") -> str:
+    """The kernel for this linear (`onelayer.policy.kernels`: measured per shape on this machine, for float32
+    on CPU; "default" elsewhere). `tokens`: which dimension counts tokens."""
+    if x.device.type != "cpu" or not x.dtype == torch.float32 == w.dtype:
+        return "default"
+    return kernels.choose(_rows(x), w.shape[1], w.shape[0], tokens)
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """`F.linear` through oneDNN with its backward (dX = dY W, dW = dY^T X), each product on the kernel
-    measured faster for its own shape."""
+class _ChosenLinear(torch.autograd.Function):
+    """`F.linear` on a chosen kernel with its backward (dX = dY W, dW = dY^T X), each product on the kernel
+    measured fastest for its own shape."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
+    def forward(ctx, x, w, b, kernel):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return kernels.onednn_linear(x, w, b)
+        return kernels.run(kernel, x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
@@ -61,24 +62,26 @@ class _OneDNNLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wt = w.t()
-            dx = (kernels.onednn_linear(dy2, wt, None) if _use_onednn(dy2, wt) else dy2 @ w).view(x.shape)
+            kernel = _kernel(dy2, wt)
+            dx = (dy2 @ w if kernel == "default" else kernels.run(kernel, dy2, wt)).view(x.shape)
         if ctx.needs_input_grad[1]:
             dyt, xt = dy2.t(), x.reshape(-1, x.shape[-1]).t()
-            dw = kernels.onednn_linear(dyt, xt, None) if _use_onednn(dyt, xt, "k") else dyt @ xt.t()
+            dw = kernels.onednn_linear(dyt, xt, None) if _kernel(dyt, xt, "k") == "onednn" else dyt @ xt.t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for a float32 CPU shape where oneDNN measured faster on this machine
-    (`onelayer.policy.kernels`). Same math; the summation order differs, so the two agree to float
-    rounding (~1e-6 relative), not bit for bit."""
-    if not _use_onednn(x, w):
+    """`F.linear`, on the kernel measured fastest on this machine for a float32 CPU shape
+    (`onelayer.policy.kernels`). Same math; the summation order can differ between kernels, so they agree
+    to float rounding (~1e-6 relative), not always bit for bit."""
+    kernel = _kernel(x, w)
+    if kernel == "default":
         return F.linear(x, w, b)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return _OneDNNLinear.apply(x, w, b)
-    return kernels.onednn_linear(x, w, b)
+        return _ChosenLinear.apply(x, w, b, kernel)
+    return kernels.run(kernel, x, w, b)
 
 
 def _apply(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
