@@ -16,13 +16,16 @@ needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="oneDNN
 
 @pytest.fixture
 def split_kernel():
-    """The split kernel runs here: two or more threads and the compiled module."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("the split kernel needs two or more intra-op threads")
+    """The split kernel runs here: two or more threads (set for the test; an earlier test may have left one)
+    and the compiled module."""
     from onelayer.policy import fused
 
     if fused.extension() is None:
         pytest.skip(f"the compiled module is unavailable here: {fused.build_note()}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
