@@ -166,3 +166,22 @@ def test_train_and_eval_on_grid_end_to_end(tmp_path, onelayer_cache, algo):
     assert all(m["rollout_s"] + m["reward_s"] + m["logprob_s"] + m["update_s"] <= m["seconds"] for m in metrics)
     assert main(["eval", "--model", str(out / "model"), *common[:6], "--out", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["n"] == 20
+
+
+def test_merged_turns_share_equal_prompts():
+    """Rows of merged turns with the same prompt get one prompt index, and the training forward that runs
+    such a prompt once gives each row the log-probs and the gradients of running every row on its own."""
+    from helpers import PAD, PROMPTS, assert_close, assert_grads_close, build, logprobs_and_grads
+
+    model = build("qwen3")
+    kw = dict(num_generations=1, max_new_tokens=5, temperature=0.9, eos_id=1, pad_id=PAD)
+    turns = [sample(model, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], generator=torch.Generator().manual_seed(0), **kw),
+             sample(model, [PROMPTS[1], PROMPTS[2]], generator=torch.Generator().manual_seed(1), **kw)]
+    batch = merge_batches(turns, PAD)
+    index = batch.prompt_index.tolist()
+    assert index[0] == index[2] and index[1] == index[3] and len(set(index)) == 3
+    shared, g_shared = logprobs_and_grads(model, batch, prompt_index=batch.prompt_index)
+    alone, g_alone = logprobs_and_grads(model, batch, prompt_index=torch.arange(len(index)))
+    assert_close(shared, alone, batch.completion_mask)
+    assert_close(shared, batch.logprobs, batch.completion_mask)
+    assert_grads_close(g_shared, g_alone)

@@ -271,3 +271,29 @@ def test_rejects_bad_arguments(model):
         sample(model, PROMPTS, max_new_tokens=3, top_p=0.0, eos_id=EOS, pad_id=PAD)
     with pytest.raises(ValueError):
         sample(model, PROMPTS, num_generations=0, max_new_tokens=3, eos_id=EOS, pad_id=PAD)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_repeated_prompts_are_prefilled_once(model, monkeypatch, lean):
+    """A batch that repeats prompts (agent turns in states several episodes reached) prefills each distinct
+    prompt once; greedy tokens and log-probs equal those of the distinct prompts sampled alone."""
+    from onelayer.rollout import steppers
+
+    seen = []
+    for cls in (steppers._LeanStepper, steppers._HFStepper):
+        original = cls.prefill
+
+        def spy(self, ids, pmask, rows, original=original):
+            seen.append(ids.shape[0])
+            return original(self, ids, pmask, rows)
+        monkeypatch.setattr(cls, "prefill", spy)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[0], PROMPTS[1]]
+    kw = dict(num_generations=2, max_new_tokens=6, greedy=True, eos_id=EOS, pad_id=PAD, lean=lean)
+    batch = sample(model, prompts, **kw)
+    assert seen == [3]  # three distinct prompts
+    check_layout(batch, prompts, 2)
+    check_logprobs_match(model, batch, 1.0)
+    alone = {i: sample(model, [PROMPTS[i]], **kw) for i in (0, 1, 3)}
+    for r, p in enumerate(prompts):
+        one = alone[PROMPTS.index(p)]
+        assert batch.completion_ids[2 * r: 2 * r + 2].tolist() == one.completion_ids[:, :batch.completion_ids.shape[1]].tolist()

@@ -11,7 +11,8 @@ import torch
 class RolloutBatch:
     """Sampled completions, laid out for the RL loss.
 
-    Rows of one prompt are contiguous: prompt ``i``'s G samples are rows ``i*G .. i*G+G-1``.
+    From one `sample` call, rows of one prompt are contiguous: prompt ``i``'s G samples are rows
+    ``i*G .. i*G+G-1``. Merged agent turns (`rollout.episodes.merge_batches`) index rows by prompt content.
     ``T`` is the number of decode steps actually run: ``max_new_tokens``, or fewer if every row emitted EOS.
     """
 
@@ -22,7 +23,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor  # FloatTensor[B, T]: 1 up to and including EOS, 0 after
     logprobs: torch.Tensor  # FloatTensor[B, T]: log_softmax(logits / temperature) of sampled tokens; 0 off-mask
     completion_lengths: torch.Tensor  # LongTensor[B]
-    prompt_index: torch.Tensor  # LongTensor[B]: which input prompt each row came from
+    prompt_index: torch.Tensor  # LongTensor[B]: which prompt each row has (equal index: equal prompt tokens)
     # hidden states entering block `block_index` at every position (frozen-prefix reuse); zeros at positions
     # never fed to the model (the last sampled token, a dropped row's padding). None unless asked for.
     block_input: torch.Tensor | None = None  # FloatTensor[B, P+T, H]

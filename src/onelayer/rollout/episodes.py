@@ -93,7 +93,8 @@ def play(model, tok, task, seeds: list[int], *, num_generations: int, max_new_to
 
 
 def merge_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    """One RolloutBatch from several: prompts left-padded to the widest, completions right-padded."""
+    """One RolloutBatch from several: prompts left-padded to the widest, completions right-padded; rows with
+    the same (padded) prompt get the same `prompt_index`."""
     P = max(b.prompt_len for b in batches)
     T = max(b.completion_ids.shape[1] for b in batches)
     ids, att, comp, cmask, logp = [], [], [], [], []
@@ -107,9 +108,12 @@ def merge_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         comp.append(torch.cat([b.completion_ids, b.completion_ids.new_full((B, right), pad_id)], dim=1))
         cmask.append(torch.cat([b.completion_mask, b.completion_mask.new_zeros((B, right))], dim=1))
         logp.append(torch.cat([b.logprobs, b.logprobs.new_zeros((B, right))], dim=1))
+    input_ids, attention_mask = torch.cat(ids), torch.cat(att)
+    # rows with the same prompt (episodes that reached the same state) share an index: the training forward
+    # runs that prompt once for all of them
+    _, prompt_index = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True)
     return RolloutBatch(
-        input_ids=torch.cat(ids), attention_mask=torch.cat(att), prompt_len=P, completion_ids=torch.cat(comp),
+        input_ids=input_ids, attention_mask=attention_mask, prompt_len=P, completion_ids=torch.cat(comp),
         completion_mask=torch.cat(cmask), logprobs=torch.cat(logp),
-        completion_lengths=torch.cat([b.completion_lengths for b in batches]),
-        prompt_index=torch.arange(sum(b.input_ids.shape[0] for b in batches), device=batches[0].input_ids.device),
+        completion_lengths=torch.cat([b.completion_lengths for b in batches]), prompt_index=prompt_index,
     )

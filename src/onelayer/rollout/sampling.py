@@ -17,8 +17,9 @@ Conventions (shared by both functions):
 
 Why it is faster than `model.generate` for GRPO-shaped batches:
 
-* the prompt is prefilled once per *distinct* prompt and its KV cache is repeated G times (prefill is most
-  of the compute for short completions);
+* each *distinct* prompt is prefilled once and its KV cache repeated for every row that has it: G times
+  for a GRPO group, more where a batch repeats a prompt (prefill is most of the compute for short
+  completions, and the turns of agent episodes repeat states);
 * the 4-D attention mask is built once for the whole rollout and sliced each step, instead of being rebuilt
   by the model on every call, and keys/values go into a preallocated StaticCache (no per-step torch.cat);
 * on CPU, one-token decode attention uses torch's math SDPA kernel, faster there than the fused one;
@@ -76,14 +77,19 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
     ids, pmask = ids.to(device), pmask.to(device)
     N, P = ids.shape
     B, T = N * G, max_new_tokens
+    # each distinct prompt is prefilled once: `first` holds one row per distinct prompt, `rows_of` maps every
+    # batch row (prompt-major, G per prompt) to its prefilled row
+    first, inverse = distinct_prompts(prompts)
+    rows_of = torch.as_tensor(inverse, device=device).repeat_interleave(G)
     stepper_cls = _LeanStepper if lean and lean_available(model) else _HFStepper
     stepper = stepper_cls(model, pmask, G, T, capture, block_path)
     try:
-        # Prefill each distinct prompt once, then repeat its cache G times.
-        logits = stepper.prefill(ids, pmask)
-        if G > 1:
-            stepper.expand(G, N)
-            logits = logits.repeat_interleave(G, 0)
+        # Prefill each distinct prompt once, then repeat its cache for each of its rows.
+        first = torch.as_tensor(first, device=device)
+        logits = stepper.prefill(ids[first], pmask[first], first)
+        if len(first) < B:
+            stepper.expand(rows_of)
+            logits = logits.index_select(0, rows_of)
         pos = pmask.sum(1, keepdim=True).repeat_interleave(G, 0)  # position of the first completion token
 
         tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -124,6 +130,18 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
     tokens, logps, cmask = tokens[:, :steps], logps[:, :steps], cmask[:, :steps]
     captured = None if stepper.captured is None else stepper.captured[:, : P + steps]
     return RolloutBatch.assemble(ids, pmask, tokens, cmask, logps, G, block_input=captured, block_index=capture)
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """The first index of each distinct prompt, in order of first appearance, and each prompt's position
+    among them. Multi-turn episodes repeat states, so a turn's prompts often repeat (all G episodes of a
+    seed start alike)."""
+    seen: dict[tuple, int] = {}
+    inverse = [seen.setdefault(tuple(p), len(seen)) for p in prompts]
+    first = [0] * len(seen)
+    for i, u in reversed(list(enumerate(inverse))):
+        first[u] = i
+    return first, inverse
 
 
 def check_sampling_args(num_generations: int, max_new_tokens: int, temperature: float, top_p: float,

@@ -96,17 +96,18 @@ class _HFStepper:
                          **{self.cache_kw: self.cache}, **self.ltk)
         return out.logits[:, -1]
 
-    def prefill(self, ids, pmask):
-        logits = self._forward(ids, self.prefill_mask, position_ids(pmask))
+    def prefill(self, ids, pmask, rows):
+        """Prefill prompts `rows` of the batch (`ids`, `pmask`: those rows)."""
+        logits = self._forward(ids, self.prefill_mask[rows], position_ids(pmask))
         if self.captured is not None:
             self.captured[: ids.shape[0], : self.P] = self._last
         return logits
 
-    def expand(self, G: int, N: int) -> None:
-        index = torch.arange(N, device=self.step_masks.device).repeat_interleave(G)
+    def expand(self, index: torch.Tensor) -> None:
+        """Batch row r takes the prefilled row index[r]."""
         _select_cache_rows(self.cache, index)
         if self.captured is not None:
-            self.captured[:, : self.P] = self.captured[:N, : self.P].index_select(0, index)
+            self.captured[:, : self.P] = self.captured[:, : self.P].index_select(0, index)
 
     def keep(self, index: torch.Tensor) -> None:
         _select_cache_rows(self.cache, index)
@@ -128,7 +129,6 @@ class _LeanStepper:
         self.P = P
         self.dec = LeanDecoder(model, N * G, P + T, capture)
         self.captured = self.dec.captured
-        self.prefill_mask = causal_allowed(pmask)  # [N, 1, P, P]
         # decode: a query sees every written slot except left padding; no padding, no mask needed
         self.step_mask = None if bool(pmask.all()) else torch.cat(
             [pmask.bool(), pmask.new_ones(N, T, dtype=torch.bool)], 1).repeat_interleave(G, 0)[:, None, None, :]
@@ -136,14 +136,15 @@ class _LeanStepper:
     def close(self) -> None:
         pass
 
-    def prefill(self, ids, pmask):
-        return self.dec.forward(ids, position_ids(pmask), 0, self.prefill_mask)
+    def prefill(self, ids, pmask, rows):
+        """Prefill prompts `rows` of the batch (`ids`, `pmask`: those rows)."""
+        return self.dec.forward(ids, position_ids(pmask), 0, causal_allowed(pmask))
 
-    def expand(self, G: int, N: int) -> None:
-        index = torch.arange(N, device=self.prefill_mask.device).repeat_interleave(G)
+    def expand(self, index: torch.Tensor) -> None:
+        """Batch row r takes the prefilled row index[r]."""
         self.dec.repeat_rows(index)
         if self.captured is not None:
-            self.captured[:, : self.P] = self.captured[:N, : self.P].index_select(0, index)
+            self.captured[:, : self.P] = self.captured[:, : self.P].index_select(0, index)
 
     def keep(self, index: torch.Tensor) -> None:
         self.dec.repeat_rows(index)
