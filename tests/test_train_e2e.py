@@ -173,3 +173,21 @@ def test_builtin_qwen2_and_local_dir_round_trip(tmp_path):
     assert tok2("9+9=").input_ids == tok("9+9=").input_ids
     with pytest.raises(ModelError, match="no config.json"):
         load_policy(tmp_path)
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_stops_with_one_message(base_dir, tmp_path):
+    """A checkpoint that cannot be read stops the resumed run with one message (no traceback) that says what
+    to do, and leaves the run's metrics as they were."""
+    out = tmp_path / "corrupt"
+    args = ["--layers", "middle:1", "--max-steps", "5", "--save-every", "5"]
+    train(out, *args)
+    (out / "eval.json").unlink()  # as if killed after its last checkpoint
+    weights = out / "checkpoint" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
+    metrics = (out / "metrics.jsonl").read_text()
+    res = cli("train", "--out", str(out), *FAST, *args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "checkpoint" in res.stderr and "cannot be read" in res.stderr and "Move" in res.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics

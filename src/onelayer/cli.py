@@ -331,9 +331,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from onelayer.models import ModelError
     from onelayer.models.layer_spec import LayerSpecError
     from onelayer.tasks import TaskError
+    from onelayer.train.checkpoint import CheckpointError
     from onelayer.train.warmstart import WarmStartError
 
-    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError, CompareError, BenchError
+    return ConfigError, LayerSpecError, TaskError, ModelError, WarmStartError, CompareError, BenchError, CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,19 +63,34 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict, parallel=None
     replace_dir(tmp, ckpt_dir)
 
 
+class CheckpointError(RuntimeError):
+    """A run's checkpoint exists but cannot be read (truncated, edited, or from another model or layer set)."""
+
+
 def load_checkpoint(ckpt_dir: Path, model, optimizer, parallel=None) -> dict | None:
     """Restore trainable tensors and optimizer state; returns the saved state dict, or None. Reads either
-    format on any number of processes (every rank calls it)."""
+    format on any number of processes (every rank calls it). A checkpoint that cannot be read raises
+    `CheckpointError` before anything of the run directory is changed."""
     if not (ckpt_dir / "state.json").is_file():
         return None
-    if (ckpt_dir / ".metadata").is_file():
-        load_sharded(ckpt_dir, model, optimizer)
-    elif parallel is not None and parallel.active:
-        _load_whole_into_sharded(ckpt_dir, model, optimizer)
-    else:
-        load_trainable(ckpt_dir / "trainable.safetensors", model)
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
-    return read_json(ckpt_dir / "state.json")
+    try:
+        state = read_json(ckpt_dir / "state.json")
+        if (ckpt_dir / ".metadata").is_file():
+            load_sharded(ckpt_dir, model, optimizer)
+        elif parallel is not None and parallel.active:
+            _load_whole_into_sharded(ckpt_dir, model, optimizer)
+        else:
+            load_trainable(ckpt_dir / "trainable.safetensors", model)
+            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("state.json holds no step")
+    except Exception as exc:  # noqa: BLE001 - any unreadable part: one message, nothing changed
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"the checkpoint in {ckpt_dir} cannot be read ({type(exc).__name__}: {first}); metrics.jsonl and the "
+            f"rest of the run directory are untouched. Move {ckpt_dir} aside to start the run from step 0, or "
+            "pass another --out") from None
+    return state
 
 
 def _options(**kw):
