@@ -80,12 +80,12 @@ def _sample(model, prompts, G, max_new_tokens, temperature, top_p, greedy, eos_i
     # each distinct prompt is prefilled once: `first` holds one row per distinct prompt, `rows_of` maps every
     # batch row (prompt-major, G per prompt) to its prefilled row
     first, inverse = distinct_prompts(prompts)
+    first = torch.as_tensor(first, device=device)
     rows_of = torch.as_tensor(inverse, device=device).repeat_interleave(G)
     stepper_cls = _LeanStepper if lean and lean_available(model) else _HFStepper
     stepper = stepper_cls(model, pmask, G, T, capture, block_path)
     try:
         # Prefill each distinct prompt once, then repeat its cache for each of its rows.
-        first = torch.as_tensor(first, device=device)
         logits = stepper.prefill(ids[first], pmask[first], first)
         if len(first) < B:
             stepper.expand(rows_of)
@@ -137,10 +137,12 @@ def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
     among them. Multi-turn episodes repeat states, so a turn's prompts often repeat (all G episodes of a
     seed start alike)."""
     seen: dict[tuple, int] = {}
-    inverse = [seen.setdefault(tuple(p), len(seen)) for p in prompts]
-    first = [0] * len(seen)
-    for i, u in reversed(list(enumerate(inverse))):
-        first[u] = i
+    first: list[int] = []
+    inverse = []
+    for i, p in enumerate(prompts):
+        if (u := seen.setdefault(tuple(p), len(seen))) == len(first):
+            first.append(i)
+        inverse.append(u)
     return first, inverse
 
 
