@@ -3,6 +3,7 @@ Python step, chosen by measuring (and the choice reused), and a fallback when it
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import EOS, PAD, PROMPTS, build
 from onelayer.policy import fused, kernels
@@ -28,8 +29,9 @@ def _prefilled(model, G=2, capture=1):
     return dec, pmask.sum(1).repeat_interleave(G)[:, None], mask, P
 
 
+@pytest.mark.parametrize("variant", ["fused", "packed"])
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
-def test_compiled_step_matches_the_python_step(module, kind):
+def test_compiled_step_matches_the_python_step(module, kind, variant):
     """Three steps, the last on a subset of rows (finished rows dropped), with left padding and a capture."""
     model = build(kind).eval()
     dec, pos, mask, P = _prefilled(model)
@@ -47,25 +49,51 @@ def test_compiled_step_matches_the_python_step(module, kind):
             start, m = P + t, mask[..., : P + t + 1]
             want = dec._forward(tok, pos + t, start, m, rows)
             want_kv = fused._entries(dec, B, start, rows)
-            got = step(tok, pos + t, start, m, rows)
+            got = step(tok, pos + t, start, m, rows, variant=variant)
             assert got.shape == want.shape
             assert fused._close(got, want) < 1e-5
             for a, b in zip(fused._entries(dec, B, start, rows), want_kv):
                 assert fused._close(a, b) < 1e-5
 
 
-def test_sampling_with_the_compiled_step_gives_the_same_rollout(module, decided, monkeypatch):
+def test_packed_linear_is_the_linear_and_the_same_on_any_thread_count(module):
+    """Rows and columns that are not whole tiles, a bias and an added residual; each output element is one sum
+    over k in order, so 1 and 2 threads agree bit for bit."""
+    width = module.packed_width()
+    torch.manual_seed(0)
+    for m, k, n in ((1, 16, 8), (7, 33, width + 5), (64, 128, 3 * width), (13, 64, 2 * width - 1)):
+        x, w, b, add = torch.randn(m, k), torch.randn(n, k), torch.randn(n), torch.randn(m, n)
+        packed = module.pack_weight(w)
+        assert packed.shape == ((n + width - 1) // width, k, width)
+        got = module.packed_linear(x, packed, n, torch.empty(0), torch.empty(0))
+        torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        with_both = module.packed_linear(x, packed, n, b, add)
+        torch.testing.assert_close(with_both, add + F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = module.packed_linear(x, packed, n, b, add)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, with_both)
+    with pytest.raises(RuntimeError, match="not packed for this input"):
+        module.packed_linear(torch.randn(2, 8), module.pack_weight(torch.randn(4, 16)), 4, torch.empty(0), torch.empty(0))
+
+
+@pytest.mark.parametrize("compiled", ["on", "packed"])
+def test_sampling_with_the_compiled_step_gives_the_same_rollout(module, decided, monkeypatch, compiled):
     model = build("qwen3")
     runs = {}
-    for setting in ("off", "on"):
+    for setting in ("off", compiled):
         monkeypatch.setenv(fused.ENV, setting)
         runs[setting] = sample(model, PROMPTS, num_generations=3, max_new_tokens=12, temperature=0.9, eos_id=EOS,
                                pad_id=PAD, generator=torch.Generator().manual_seed(0), capture_block=2)
-    off, on = runs["off"], runs["on"]
+    off, on = runs["off"], runs[compiled]
     assert torch.equal(off.completion_ids, on.completion_ids) and torch.equal(off.completion_mask, on.completion_mask)
     assert (off.logprobs - on.logprobs).abs().max() < 1e-5
     assert (off.block_input - on.block_input).abs().max() < 1e-5
-    assert any(v["choice"] == "fused" for k, v in fused.choices().items() if k.startswith("decode:"))
+    variant = {"on": "fused", "packed": "packed"}[compiled]
+    assert any(v["choice"] == variant for k, v in fused.choices().items() if k.startswith("decode:"))
 
 
 def test_the_choice_is_measured_once_stored_and_reused(module, decided, monkeypatch, tmp_path):
@@ -73,30 +101,55 @@ def test_the_choice_is_measured_once_stored_and_reused(module, decided, monkeypa
     monkeypatch.setenv(fused.ENV, "auto")
     timed = []
 
-    def fake_time(fn, reps=5):  # the compiled step measures slower here: the Python step must be kept
+    def fake_time(fn, reps=5):  # both compiled variants measure slower here: the Python step must be kept
         timed.append(fn)
-        return 1.0 if len(timed) % 2 == 1 else 2.0
+        return 1.0 if len(timed) % 3 == 1 else 2.0
 
     monkeypatch.setattr(fused, "_time", fake_time)
     model = build("qwen3")
     kw = dict(num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD, generator=torch.Generator().manual_seed(0))
     sample(model, PROMPTS, **kw)  # the lean path's own check of the model decodes too: one shape per batch band
     records = {k: v for k, v in fused.choices().items() if k.startswith("decode:")}
-    assert records and len(timed) == 2 * len(records)
+    assert records and len(timed) == 3 * len(records)  # python, fused, packed
     for key, record in records.items():
         assert record["choice"] == "python" and record["reason"] == "measured"
         assert kernels.stored(key)["choice"] == "python"
     decided.clear()  # a new process on this machine: the stored timings, no new measurement
     sample(model, PROMPTS, **kw)
     again = {k: v for k, v in fused.choices().items() if k.startswith("decode:")}
-    assert again and len(timed) == 2 * len(records)
+    assert again and len(timed) == 3 * len(records)
     assert all(v["reason"] == "measured earlier on this machine" and v["choice"] == "python" for v in again.values())
+
+
+def test_the_packed_variant_serves_where_it_measures_faster(module, decided, monkeypatch, tmp_path):
+    monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path))
+    monkeypatch.setenv(fused.ENV, "auto")
+    seconds = iter([3.0, 2.0, 1.0] * 20)  # decide times python, fused, packed in that order
+    monkeypatch.setattr(fused, "_time", lambda fn, reps=5: (fn(), next(seconds))[1])
+    model = build("qwen3")
+    batch = sample(model, PROMPTS, num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD,
+                   generator=torch.Generator().manual_seed(0))
+    records = {k: v for k, v in fused.choices().items() if k.startswith("decode:")}
+    assert records and all(v["choice"] == "packed" and v["packed"] >= 1.0 for v in records.values())
+    monkeypatch.setenv(fused.ENV, "off")
+    again = sample(model, PROMPTS, num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch.completion_ids, again.completion_ids)
+    assert (batch.logprobs - again.logprobs).abs().max() < 1e-5
+
+
+def test_pick_needs_a_margin_at_each_stage():
+    assert fused.pick({"python": 3.0, "fused": 2.0, "packed": 1.0}) == "packed"
+    assert fused.pick({"python": 3.0, "fused": 2.0, "packed": 1.95}) == "fused"  # within the margin: fused
+    assert fused.pick({"python": 1.0, "fused": 0.97, "packed": 0.96}) == "python"
+    assert fused.pick({"python": 1.0, "packed": 0.5}) == "packed"  # fused failed its check
+    assert fused.pick({"python": 1.0}) == "python"
 
 
 def test_a_compiled_step_that_differs_is_not_used(module, decided, monkeypatch):
     monkeypatch.setenv(fused.ENV, "on")
     real = fused.FusedStep.__call__
-    monkeypatch.setattr(fused.FusedStep, "__call__", lambda self, *a: real(self, *a) + 1e-2)
+    monkeypatch.setattr(fused.FusedStep, "__call__", lambda self, *a, **kw: real(self, *a, **kw) + 1e-2)
     model = build("llama")
     batch = sample(model, PROMPTS, num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD,
                    generator=torch.Generator().manual_seed(0))

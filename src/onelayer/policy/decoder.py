@@ -226,9 +226,10 @@ class LeanDecoder:
             x = self._residual(x, F.silu(g) * u, *layer["down"])
         return self._project(x[:, -1], self.head).float()
 
-    def repeat_rows(self, index: torch.Tensor) -> None:
-        """Cache rows become `index` (repeat each prompt's rows G times; drop finished rows)."""
-        n = len(index)
+    def repeat_rows(self, index: torch.Tensor, used: int | None = None) -> None:
+        """Cache rows become `index` (repeat each prompt's rows G times; drop finished rows). `used`: only the
+        first `used` slots have been written, so only they are copied (None: all)."""
+        n, end = len(index), self.k[0].shape[2] if used is None else used
         for i in range(len(self.layers)):
-            self.k[i][:n] = self.k[i].index_select(0, index)
-            self.v[i][:n] = self.v[i].index_select(0, index)
+            self.k[i][:n, :, :end] = self.k[i][:, :, :end].index_select(0, index)
+            self.v[i][:n, :, :end] = self.v[i][:, :, :end].index_select(0, index)

@@ -27,7 +27,8 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
 
     Rows with the same `prompt_index` share their prompt (the G samples of one prompt): the prompt's
     positions go through the blocks once, and each row's completion attends to that shared prompt's keys
-    and values (autograd sums the rows' gradients into it). All tokens of both parts run through the
+    and values (autograd sums the rows' gradients into it). A completion's last token predicts nothing
+    here and no earlier position attends to it, so it does not go through the blocks. All tokens of both parts run through the
     linear and elementwise ops as one flat [tokens, H] matrix. With `block_input` the forward starts at
     block `block_index` on those hidden states (frozen-prefix reuse). The norms, q/k/v and MLP element-wise
     parts run on `ops` (`policy.fused_ops`: torch ops or compiled kernels; None: `fused_ops.choose` decides).
@@ -37,6 +38,7 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     cfg = model.config
     B, L = input_ids.shape
     P, T = prompt_len, L - prompt_len
+    Tc = max(T - 1, 1)  # completion positions through the blocks: all but the last (which only predicts beyond)
     h = cfg.num_attention_heads
     kvh = getattr(cfg, "num_key_value_heads", None) or h
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
@@ -53,14 +55,14 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     N = len(rep)
     pmask = attention_mask[rep, :P].bool()
     positions = position_ids(attention_mask)
-    pos = torch.cat([positions[rep, :P].reshape(-1), positions[:, P:].reshape(-1)])
+    pos = torch.cat([positions[rep, :P].reshape(-1), positions[:, P:P + Tc].reshape(-1)])
 
     if block_input is None:
         start = 0
-        x = inner.embed_tokens(torch.cat([input_ids[rep, :P].reshape(-1), input_ids[:, P:].reshape(-1)]))
+        x = inner.embed_tokens(torch.cat([input_ids[rep, :P].reshape(-1), input_ids[:, P:P + Tc].reshape(-1)]))
     else:
         start = block_index
-        x = torch.cat([block_input[rep, :P].reshape(N * P, -1), block_input[:, P:].reshape(B * T, -1)])
+        x = torch.cat([block_input[rep, :P].reshape(N * P, -1), block_input[:, P:P + Tc].reshape(B * Tc, -1)])
     if ops is None:
         ops = fused_ops.choose(model, lambda chosen: lean_sequence_logprobs(
             model, input_ids, attention_mask, prompt_len, prompt_index, temperature=temperature,
@@ -69,9 +71,9 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     rotary = ops.rotary(cos[0], sin[0])  # [tokens, d] each
 
     prompt_mask = causal_allowed(pmask)
-    ar_t = torch.arange(T, device=device)
-    comp_mask = torch.cat([pmask[inv][:, None, None, :].expand(B, 1, T, P),
-                           (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, T, T)], -1)  # [B, 1, T, P+T]
+    ar_t = torch.arange(Tc, device=device)
+    comp_mask = torch.cat([pmask[inv][:, None, None, :].expand(B, 1, Tc, P),
+                           (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, Tc, Tc)], -1)  # [B, 1, Tc, P+Tc]
     n_p = N * P
 
     for block in inner.layers[start:]:
@@ -79,19 +81,20 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
         q, k, v = ops.qkv(ops.norm(x, block.input_layernorm), attn, rotary, h, kvh, d)  # [tokens, heads, d]
         # prompt tokens attend within their prompt; completion tokens to their prompt's and their own
         kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
-        kc, vc = k[n_p:].view(B, T, kvh, d).transpose(1, 2), v[n_p:].view(B, T, kvh, d).transpose(1, 2)
+        kc, vc = k[n_p:].view(B, Tc, kvh, d).transpose(1, 2), v[n_p:].view(B, Tc, kvh, d).transpose(1, 2)
         ap = F.scaled_dot_product_attention(q[:n_p].view(N, P, h, d).transpose(1, 2), kp, vp, attn_mask=prompt_mask,
                                             enable_gqa=kvh != h)
         # index_select, not kp[inv]: its backward (index_add) sums the rows' gradients into their shared prompt
         # in a fixed order; advanced indexing's accumulating backward did not on 2+ threads (runs drifted)
-        ac = F.scaled_dot_product_attention(q[n_p:].view(B, T, h, d).transpose(1, 2), torch.cat([kp.index_select(0, inv), kc], 2),
+        ac = F.scaled_dot_product_attention(q[n_p:].view(B, Tc, h, d).transpose(1, 2),
+                                            torch.cat([kp.index_select(0, inv), kc], 2),
                                             torch.cat([vp.index_select(0, inv), vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
-        a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * T, h * d)])
+        a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * Tc, h * d)])
         x = x + _apply(attn.o_proj, a)
         x = x + ops.mlp(ops.norm(x, block.post_attention_layernorm), block.mlp)
 
     # positions P-1 .. P+T-2 predict tokens P .. P+T-1: the prompt's last position, then completion 0..T-2
-    last = torch.cat([x[:n_p].view(N, P, -1)[:, -1].index_select(0, inv)[:, None], x[n_p:].view(B, T, -1)[:, : T - 1]], 1)
+    last = torch.cat([x[:n_p].view(N, P, -1)[:, -1].index_select(0, inv)[:, None], x[n_p:].view(B, Tc, -1)[:, : T - 1]], 1)
     logits = _apply(model.lm_head, ops.norm(last, inner.norm)).float()
     if temperature != 1.0:
         logits = logits / temperature

@@ -9,11 +9,15 @@ module is built at first use with torch's C++ extension loader (a C++ compiler a
 CPU's instruction set (``-march=native``) into ``$ONELAYER_CACHE/ext/``, once per CPU (model and flags),
 torch version and source.
 
-A decoder uses it only when it built, when its logits and new KV-cache entries matched the Python step's
-(to 1e-5 relative) on the first step it served in this process, and when it measured faster than the
-Python step on that step's shapes. The timing is kept with the matmul choices (`kernels.store`), so later
-processes on the machine reuse it and stay reproducible. ``ONELAYER_FUSED_DECODE=off`` turns it off,
-``on`` skips the timing (still checked); `choices()` says what each process decided and why.
+The compiled step comes in two variants: "fused", its matmuls on the kernels chosen per shape, and
+"packed", its block matmuls on the module's own GEMM over weights packed once per rollout (`pack_weight`;
+a frozen block's packing is kept with its gathered weights). A decoder uses one only when it built, when
+its logits and new KV-cache entries matched the Python step's (to 1e-5 relative) on the first step it served
+in this process, and when it measured faster than the Python step on that step's shapes (packed against
+fused too, its packing time counted, spread over the rollout's remaining steps). The timing is kept with
+the matmul choices (`kernels.store`), so later processes on the machine reuse it and stay reproducible.
+``ONELAYER_FUSED_DECODE=off`` turns it off, ``on`` and ``packed`` skip the timing and use that variant
+(still checked); `choices()` says what each process decided and why.
 """
 
 from __future__ import annotations
@@ -35,15 +39,20 @@ TOL = 1e-5
 # own flags): loops with floor or a select vectorise; no reassociation, so every sum keeps its order
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("fused_decode.cpp", "fused_train.cpp"))
-FUNCTIONS = ["decode_step", "split_linear", "rms_fwd", "rms_bwd", "qkv_fwd", "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
+FUNCTIONS = ["decode_step", "split_linear", "pack_weight", "packed_linear", "packed_width", "rms_fwd", "rms_bwd", "qkv_fwd",
+             "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
 _LOG = logging.getLogger("onelayer.fused")
 _EXT: dict[str, object] = {}  # "module" or "reason"
 _DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused" (s), "reason"}
 
 
+VARIANTS = ("python", "fused", "packed")
+PACKED = 3  # the compiled step's index for its own GEMM on packed weights (after `kernels.KERNELS`' three)
+
+
 def mode() -> str:
     value = os.environ.get(ENV, "auto").lower()
-    return value if value in ("auto", "on", "off") else "auto"
+    return value if value in ("auto", "on", "off", "packed") else "auto"
 
 
 def extension():
@@ -120,7 +129,9 @@ class FusedStep:
         self.eps = L[0]["qkv"]["eps"]
         self.qeps = L[0]["qk_norm"][1] if L[0]["qk_norm"] is not None else 1e-6
         self._flags: dict[int, list[int]] = {}  # per batch size: the matmuls' kernels
-        self._serves: dict[int, bool] = {}  # per batch-size band: whether this step serves (`decide`)
+        self._serves: dict[int, str] = {}  # per batch-size band: the variant that serves (`decide`)
+        self._packed: list[list[torch.Tensor]] | None = None  # qkv, o, gate/up, down weights packed (`packed`)
+        self.pack_s = 0.0  # seconds this decoder spent packing weights not kept from an earlier rollout
         H = self.qkv_w[0].shape[1]
         self.shape = (f"H{H}-I{self.d_w[0].shape[1]}-h{dec.heads}-kv{dec.kv_heads}-d{dec.head_dim}-L{len(L)}"
                       f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}")
@@ -138,23 +149,44 @@ class FusedStep:
                                (x, self.head_w))]
         return self._flags[B]
 
+    def packed(self) -> list[list[torch.Tensor]]:
+        """The block weights packed for the module's GEMM (`pack_weight`), built at first use. A frozen block's
+        packing is kept in its gathered weights, which `LeanDecoder` keeps across rollouts (`decoder._kept`)."""
+        if self._packed is None:
+            lists = [[], [], [], []]
+            for lay, weights in zip(self.dec.layers, zip(self.qkv_w, self.o_w, self.gu_w, self.d_w)):
+                if "packed" not in lay:
+                    t0 = time.perf_counter()
+                    lay["packed"] = [self.module.pack_weight(w) for w in weights]
+                    self.pack_s += time.perf_counter() - t0
+                for out, w in zip(lists, lay["packed"]):
+                    out.append(w)
+            self._packed = lists
+        return self._packed
+
     def serves(self, python, ids, positions, start, mask, rows) -> bool:
-        """Whether this step serves a one-token step of `ids`' batch size (`decide`, once per band)."""
+        """Whether a compiled variant serves a one-token step of `ids`' batch size (`decide`, once per band)."""
         band = kernels._bucket(ids.shape[0])
         if band not in self._serves:
             self._serves[band] = decide(self, python, ids, positions, start, mask, rows)
-        return self._serves[band]
+        return self._serves[band] != "python"
 
-    def __call__(self, ids, positions, start, mask, rows):
+    def __call__(self, ids, positions, start, mask, rows, variant: str | None = None):
+        """One step on the compiled module; `variant` "fused" or "packed" (None: the one `decide` chose)."""
         dec, B = self.dec, ids.shape[0]
+        variant = variant or self._serves.get(kernels._bucket(B), "fused")
         x = dec.embed(ids)[:, 0]
         rot = torch.view_as_real(dec.rot[positions[:, 0]])
         mask2d = self.empty if mask is None else mask[:, 0, 0]
         capture = -1 if dec.capture is None else dec.capture
+        flags = self._kernels(B)
+        qkv_w, o_w, gu_w, d_w = self.qkv_w, self.o_w, self.gu_w, self.d_w
+        if variant == "packed":
+            (qkv_w, o_w, gu_w, d_w), flags = self.packed(), [PACKED] * 4 + flags[4:]  # the head as chosen
         return self.module.decode_step(
-            x, rot, self.qkv_w, self.qkv_b, self.qkn, self.o_w, self.o_b, self.gu_w, self.gu_b, self.d_w, self.d_b,
+            x, rot, qkv_w, self.qkv_b, self.qkn, o_w, self.o_b, gu_w, self.gu_b, d_w, self.d_b,
             dec.k, dec.v, self.head_w, self.head_b, start, mask2d, dec.heads, dec.kv_heads, dec.head_dim, self.eps,
-            self.qeps, self._kernels(B), capture, dec.captured if dec.captured is not None else self.empty,
+            self.qeps, flags, capture, dec.captured if dec.captured is not None else self.empty,
             rows if rows is not None else torch.empty(0, dtype=torch.long)).float()
 
 
@@ -183,32 +215,53 @@ def _time(fn, reps: int = 5) -> float:
     return kernels._time(fn, reps)  # best of `reps` after one untimed call
 
 
-def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> bool:
-    """Whether `step` serves this decoder's one-token steps (at this batch size's band): checked against the
-    Python step `python` on this step's inputs, then timed against it (or the stored timing reused). Leaves
-    the cache as the chosen path writes it."""
+def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
+    """The variant ("python", "fused" or "packed") that serves this decoder's one-token steps at this batch
+    size's band: each compiled one checked against the Python step `python` on this step's inputs, then all
+    timed (or the stored timing reused); packed's time includes its packing, spread over the rollout's
+    remaining steps. The caller then runs the step on the chosen variant (it rewrites the same cache slots)."""
     dec, B = step.dec, ids.shape[0]
     key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}"
     if key not in _DECIDED:
-        want = python(ids, positions, start, mask, rows)
+        args = (ids, positions, start, mask, rows)
+        want = python(*args)
         want_entries = _entries(dec, B, start, rows)
-        got = step(ids, positions, start, mask, rows)
-        err = max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows), want_entries)])
-        if err > TOL:
-            _DECIDED[key] = {"choice": "python", "reason": f"the compiled step differed by {err:.1e} (relative)"}
-        elif mode() == "on":
-            _DECIDED[key] = {"choice": "fused", "reason": f"{ENV}=on"}
-        elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", "fused"):
+        errors = {}
+        for variant in ("fused", "packed"):
+            got = step(*args, variant=variant)
+            errors[variant] = max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows),
+                                                                                      want_entries)])
+        ok = [v for v in ("fused", "packed") if errors[v] <= TOL]
+        forced = {"on": "fused", "packed": "packed"}.get(mode())
+        if not ok or (forced and forced not in ok):
+            bad = forced or "fused"
+            _DECIDED[key] = {"choice": "python", "reason": f"the compiled step ({bad}) differed by {errors[bad]:.1e} (relative)"}
+        elif forced:
+            _DECIDED[key] = {"choice": forced, "reason": f"{ENV}={mode()}"}
+        elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", *ok):
             _DECIDED[key] = {**saved, "reason": "measured earlier on this machine"}
         else:
-            args = (ids, positions, start, mask, rows)
-            times = {"python": _time(lambda: python(*args)), "fused": _time(lambda: step(*args))}
-            choice = "fused" if times["fused"] < times["python"] * (1 - MARGIN) else "python"
+            times = {"python": _time(lambda: python(*args))}
+            for variant in ok:
+                times[variant] = _time(lambda variant=variant: step(*args, variant=variant))
+            if "packed" in times:  # its packing, spread over the rollout's remaining steps
+                times["packed"] += step.pack_s / max(1, dec.k[0].shape[2] - start)
+            choice = pick(times)
             kernels.store(key, choice, times)
             _DECIDED[key] = {"choice": choice, **times, "reason": "measured"}
-            _LOG.info("decode step %s: python %.3g ms, fused %.3g ms -> %s", key, times["python"] * 1e3,
-                      times["fused"] * 1e3, choice)
-    return _DECIDED[key]["choice"] == "fused"
+            _LOG.info("decode step %s: %s -> %s", key, ", ".join(f"{k} {t * 1e3:.3g} ms" for k, t in times.items()),
+                      choice)
+    return _DECIDED[key]["choice"]
+
+
+def pick(times: dict[str, float]) -> str:
+    """The variant to serve from measured seconds a step: packed where it beats fused by `MARGIN` (else
+    fused), and that one where it beats the Python step by `MARGIN` (else python)."""
+    compiled = [v for v in ("fused", "packed") if v in times]
+    if not compiled:
+        return "python"
+    best = "packed" if "packed" in times and times["packed"] < times.get("fused", float("inf")) * (1 - MARGIN) else compiled[0]
+    return best if times[best] < times["python"] * (1 - MARGIN) else "python"
 
 
 def choices() -> dict:

@@ -64,14 +64,133 @@ Tensor split_linear(Tensor x, Tensor w, Tensor b, Tensor add) {
   return y.view(shape);
 }
 
-// kernel: 0 torch's GEMM, 1 oneDNN, 2 split_linear (the order of onelayer/policy/kernels.py's KERNELS)
-static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, int64_t kernel) {
+// The decode step's own GEMM on weights packed once per rollout ("packed"). A decode step multiplies few rows
+// (the batch) by every weight matrix once, so each call reads its weights from far caches or memory; a
+// library GEMM then also repacks them on every call. Here a weight W [N, K] is packed once into panels of
+// NR output columns, [ceil(N / NR), K, NR] (zero-padded), which a register-tiled kernel (MR rows x NR
+// columns of accumulators, vectors of the widest width this build has) reads front to back while the
+// hardware prefetches the next panel (hinted one cache line per k). Each output element is one sum over k
+// in order, whatever the rows or threads; panels are split over torch's intra-op threads.
+#if defined(__AVX512F__)
+constexpr int PK_VL = 16, PK_NV = 4;
+#elif defined(__AVX__)
+constexpr int PK_VL = 8, PK_NV = 2;
+#else
+constexpr int PK_VL = 4, PK_NV = 2;
+#endif
+constexpr int PK_MR = 6, PK_NR = PK_VL * PK_NV;
+typedef float pk_v __attribute__((vector_size(PK_VL * 4)));
+typedef float pk_vu __attribute__((vector_size(PK_VL * 4), aligned(4)));  // unaligned loads and stores
+
+int64_t packed_width() { return PK_NR; }
+
+// W [N, K] (contiguous) -> [ceil(N / NR), K, NR], columns beyond N zero
+Tensor pack_weight(Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_weight: a 2-D float32 weight");
+  w = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), P = (N + PK_NR - 1) / PK_NR;
+  auto out = at::zeros({P, K, PK_NR}, w.options());
+  const float* src = w.data_ptr<float>(); float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t j = 0; j < PK_NR && p * PK_NR + j < N; ++j) {
+        const float* s = src + (p * PK_NR + j) * K; float* d = dst + p * K * PK_NR + j;
+        for (int64_t k = 0; k < K; ++k) d[k * PK_NR] = s[k];
+      }
+  });
+  return out;
+}
+
+// C[MR rows, nc <= NR columns] = A[MR, K] B_panel[K, NR] (+ bias) (+ add); pf: a line of the next panel per k
+template <int MR>
+static inline void pk_tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t K,
+                           float* __restrict c, int64_t ldc, int64_t nc, const float* bias, const float* add,
+                           int64_t ldadd, const float* pf) {
+  pk_v acc[MR][PK_NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < PK_NV; ++v) acc[r][v] = (pk_v){};
+  for (int64_t k = 0; k < K; ++k) {
+    if (pf) __builtin_prefetch(pf + k * 16, 0, 3);
+    pk_v bv[PK_NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < PK_NV; ++v) bv[v] = *(const pk_v*)(b + k * PK_NR + v * PK_VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const pk_v av = a[r * lda + k] - (pk_v){};  // x - (+0) folds to a plain broadcast (0 + x would not: -0)
+#pragma GCC unroll 8
+      for (int v = 0; v < PK_NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  float tile[MR][PK_NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < PK_NV; ++v) *(pk_vu*)(&tile[r][v * PK_VL]) = acc[r][v];
+  for (int r = 0; r < MR; ++r) {
+    float* out = c + r * ldc;
+    const float* ad = add ? add + r * ldadd : nullptr;
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) {
+      float y = tile[r][j];
+      if (bias) y += bias[j];
+      if (ad) y += ad[j];
+      out[j] = y;
+    }
+  }
+}
+
+template <int MR>
+static void pk_rows(int mr, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc, int64_t nc,
+                    const float* bias, const float* add, int64_t ldadd, const float* pf) {
+  if constexpr (MR > 0) {
+    if (mr == MR) pk_tile<MR>(a, lda, b, K, c, ldc, nc, bias, add, ldadd, pf);
+    else pk_rows<MR - 1>(mr, a, lda, b, K, c, ldc, nc, bias, add, ldadd, pf);
+  }
+}
+
+// x [.., K] times a packed weight of N = n output columns (+ b [n]) (+ add [.., n]): [.., n]
+Tensor packed_linear(Tensor x, Tensor packed, int64_t n, Tensor b, Tensor add) {
+  const int64_t K = packed.size(1), P = packed.size(0);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PK_NR && x.size(-1) == K && n <= P * PK_NR && n > (P - 1) * PK_NR,
+              "packed_linear: weight not packed for this input (pack_weight)");
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto y = at::empty({M, n}, x.options());
+  const bool has_add = add.defined() && add.numel();
+  auto add2 = has_add ? add.reshape({M, n}).contiguous() : add;
+  const float* ap = x2.data_ptr<float>(); const float* bp = packed.data_ptr<float>(); float* cp = y.data_ptr<float>();
+  const float* bias = b.defined() && b.numel() ? b.data_ptr<float>() : nullptr;
+  const float* addp = has_add ? add2.data_ptr<float>() : nullptr;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* panel = bp + p * K * PK_NR;
+      const int64_t col = p * PK_NR, nc = std::min<int64_t>(PK_NR, n - col);
+      for (int64_t m = 0; m < M; m += PK_MR) {
+        // the first few row blocks hint the next panel of this thread into cache, a line per k
+        const int64_t off = (m / PK_MR) * K * 16;
+        const float* pf = p + 1 < p1 && off + K * 16 <= K * PK_NR ? panel + K * PK_NR + off : nullptr;
+        pk_rows<PK_MR>((int)std::min<int64_t>(PK_MR, M - m), ap + m * K, K, panel, K, cp + m * n + col, n, nc,
+                       bias ? bias + col : nullptr, addp ? addp + m * n + col : nullptr, n, pf);
+      }
+    }
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return y.view(shape);
+}
+
+// kernel: 0 torch's GEMM, 1 oneDNN, 2 split_linear, 3 packed_linear on a packed weight (0-2 are the order of onelayer/policy/kernels.py's KERNELS)
+static Tensor lin(const Tensor& x, const Tensor& w, const Tensor& b, int64_t kernel, int64_t n) {
+  if (kernel == 3) return packed_linear(x, w, n, b, Tensor());
   if (kernel == 1) return mkl_linear(x, w, opt(b));
   if (kernel == 2) return split_linear(x, w, b, Tensor());
   return at::linear(x, w, opt(b));
 }
 // x + a w^T (+ b): the add fused into the matmul (oneDNN's post-op, or the GEMM's beta = 1)
 static Tensor lin_add(const Tensor& a, const Tensor& x, const Tensor& w, const Tensor& b, int64_t kernel) {
+  if (kernel == 3) return packed_linear(a, w, x.size(-1), b, x);
   if (kernel == 1) return mkl_linear_add(a, x, w, opt(b));
   if (kernel == 2) return split_linear(a, w, b, x);
   return b.defined() && b.numel() ? x + at::linear(a, w, b) : at::addmm(x, a, w.t());
@@ -132,7 +251,8 @@ static Tensor rms(const Tensor& x, double eps) {
 // an empty bias is none. kc/vc [Bmax, kvh, Lmax, d] caches (rows 0..B-1 in use); the new entries go to slot
 // `start`. mask: bool, row b's slot t visible when mask[b, t] (rows strided, slots contiguous) or empty.
 // capture >= 0: the hidden states entering that block are written to captured[rows or 0..B-1, start].
-// kernels: which kernel each of the qkv, o, gate/up, down and head matmuls uses (as `lin`). Returns the logits [B, V].
+// kernels: which kernel each of the qkv, o, gate/up, down and head matmuls uses (as `lin`; 3: those weights are
+// passed packed by pack_weight; never the head's). Returns the logits [B, V].
 Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<Tensor> qkv_b, std::vector<Tensor> qkn,
                    std::vector<Tensor> o_w, std::vector<Tensor> o_b, std::vector<Tensor> gu_w, std::vector<Tensor> gu_b,
                    std::vector<Tensor> d_w, std::vector<Tensor> d_b, std::vector<Tensor> kc, std::vector<Tensor> vc,
@@ -152,7 +272,7 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
       if (rows.defined() && rows.numel()) captured.index_put_({rows, start}, x);
       else captured.select(1, start).narrow(0, 0, B).copy_(x);
     }
-    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], kernels[0]).contiguous();  // [B, (h+2kvh)d]
+    auto qkv = lin(rms(x, eps), qkv_w[i], qkv_b[i], kernels[0], (h + 2 * kvh) * d).contiguous();  // [B, (h+2kvh)d]
     const float* src = qkv.data_ptr<float>();
     const float* wn = qkn[i].numel() ? qkn[i].data_ptr<float>() : nullptr;
     float* qp = q.data_ptr<float>();
@@ -222,8 +342,8 @@ Tensor decode_step(Tensor x, Tensor rot, std::vector<Tensor> qkv_w, std::vector<
       }
     });
     x = lin_add(att, x, o_w[i], o_b[i], kernels[1]);
-    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], kernels[2]).contiguous();
+    auto gu = lin(rms(x, eps), gu_w[i], gu_b[i], kernels[2], 2 * d_w[i].size(1)).contiguous();
     x = lin_add(swiglu_rows(gu), x, d_w[i], d_b[i], kernels[3]);
   }
-  return lin(rms(x, eps), head_w, head_b, kernels[4]);
+  return lin(rms(x, eps), head_w, head_b, kernels[4], head_w.size(0));
 }

@@ -90,14 +90,13 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gu):
-        y, sig = _module().swiglu_fwd(gu)
-        ctx.save_for_backward(gu, sig)
-        return y
+        ctx.save_for_backward(gu)
+        return _module().swiglu_fwd(gu)
 
     @staticmethod
     def backward(ctx, dy):
-        gu, sig = ctx.saved_tensors
-        return _module().swiglu_bwd(dy, gu, sig)
+        (gu,) = ctx.saved_tensors
+        return _module().swiglu_bwd(dy, gu)
 
 
 def _concat(*linears):
