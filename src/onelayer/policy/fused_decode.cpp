@@ -89,14 +89,21 @@ Tensor pack_weight(Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_weight: a 2-D float32 weight");
   w = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + PK_NR - 1) / PK_NR;
-  auto out = at::zeros({P, K, PK_NR}, w.options());
+  auto out = at::empty({P, K, PK_NR}, w.options());
   const float* src = w.data_ptr<float>(); float* dst = out.data_ptr<float>();
+  constexpr int64_t KB = 16;  // a block of k: reads one cache line of each weight row, writes KB panel rows
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t j = 0; j < PK_NR && p * PK_NR + j < N; ++j) {
-        const float* s = src + (p * PK_NR + j) * K; float* d = dst + p * K * PK_NR + j;
-        for (int64_t k = 0; k < K; ++k) d[k * PK_NR] = s[k];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min<int64_t>(PK_NR, N - p * PK_NR);
+      float* d = dst + p * K * PK_NR;
+      for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t k1 = std::min(K, k0 + KB);
+        for (int64_t j = 0; j < PK_NR; ++j) {
+          const float* s = src + (p * PK_NR + j) * K;
+          for (int64_t k = k0; k < k1; ++k) d[k * PK_NR + j] = j < cols ? s[k] : 0.f;
+        }
       }
+    }
   });
   return out;
 }
