@@ -124,12 +124,13 @@ def _bench_model(model: str, model_dir: str, *, steps: int, warmup: int, threads
         torch.set_num_threads(threads)
     rows = base.prompts * base.num_generations  # the decode matmuls' row count
     rates = {kernel: matmul_gflops(rows, s["H"], s["I"], device=device, kernel=kernel)
-             for kernel in ("torch", "onednn", "split")}
+             for kernel in ("torch", "onednn", "split", "packed")}
     rate = max(rates.values())  # the floor uses the fastest matmul this machine offers
     result: dict = {"model": model, "settings": {k: getattr(base, k) for k in PER_MODEL_KEYS},
                     "shape": {k: s[k] for k in ("H", "I", "L", "V")}, "middle_block": mid,
                     "matmul_shape": [rows, s["H"], s["I"]], "matmul_gflops": round(rates["torch"], 1),
                     "onednn_matmul_gflops": round(rates["onednn"], 1), "split_matmul_gflops": round(rates["split"], 1),
+                    "packed_matmul_gflops": round(rates["packed"], 1),
                     "floor_gflops": round(rate, 1),
                     "kernel_choice": kernels.choose(rows, s["H"], s["I"]) if device == "cpu" else "default",
                     "runs": {}}
@@ -217,8 +218,12 @@ def run_bench(models=DEFAULT_MODELS, *, steps: int = 6, warmup: int = 2, threads
 
 def _decode_note(decided: dict) -> str:
     """Which decode step served (`policy.fused`) with its measured times, in a few words."""
-    picks = [f"{v['choice']} (python {v['python'] * 1e3:.2f} ms, fused {v['fused'] * 1e3:.2f} ms)" if "python" in v
-             else f"{v['choice']} ({v.get('reason', '')})" for k, v in decided.items() if k.startswith("decode:")]
+    def note(v: dict) -> str:
+        if "python" not in v:
+            return f"{v['choice']} ({v.get('reason', '')})"
+        return f"{v['choice']} (" + ", ".join(f"{x} {v[x] * 1e3:.2f} ms" for x in ("python", "fused", "packed") if x in v) + ")"
+
+    picks = [note(v) for k, v in decided.items() if k.startswith("decode:")]
     return picks[-1] if picks else f"python ({decided.get('build', 'no record')})"
 
 
@@ -244,7 +249,8 @@ def format_report(result: dict) -> str:
                      f"{c['prompts']} prompts x G={c['num_generations']}, <= {c['max_new_tokens']} new tokens, "
                      f"{c['prompt_format']} arith level {c['difficulty']}; "
                      f"matmul {m['matmul_shape']}: torch {m['matmul_gflops']}, onednn {m['onednn_matmul_gflops']}, "
-                     f"split {m.get('split_matmul_gflops', '-')} GFLOP/s, chosen {m['kernel_choice']})")
+                     f"split {m.get('split_matmul_gflops', '-')}, packed {m.get('packed_matmul_gflops', '-')} GFLOP/s, "
+                     f"chosen {m['kernel_choice']})")
         for layers in ("all", "middle:1"):
             run = m["runs"][f"onelayer/{layers}"]
             made = [c["choice"] for c in run.get("cpu_kernels", {}).values()]

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from onelayer.policy import kernels
+from onelayer.policy import fused, kernels
 
 
 def model_shape(config) -> dict:
@@ -69,11 +69,16 @@ def matmul_gflops(m: int, k: int, n: int, *, reps: int = 200, device: str = "cpu
     """Median rate (GFLOP/s) of an [m, k] x [k, n] float32 matmul, timed in batches of `reps`.
 
     kernel "torch": `a @ b` (torch's default CPU GEMM, MKL in these builds); "onednn" and "split": the other
-    kernels onelayer's lean paths choose from (`onelayer.policy.kernels`; torch's where one is unavailable)."""
+    kernels onelayer's lean paths choose from (`onelayer.policy.kernels`); "packed": the compiled decode
+    step's own GEMM on a weight packed beforehand (`policy.fused`). Torch's where one is unavailable."""
     a, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     wt = w.t().contiguous()
     other = kernel in ("onednn", "split") and kernel in kernels.available() and device == "cpu"
     fn = (lambda: kernels.run(kernel, a, w)) if other else (lambda: a @ wt)
+    module = fused.extension() if kernel == "packed" and device == "cpu" else None
+    if module is not None:
+        packed, empty = module.pack_weight(w), torch.empty(0)
+        fn = lambda: module.packed_linear(a, packed, n, empty, empty)  # noqa: E731
     with torch.inference_mode():
         for _ in range(10):
             fn()
