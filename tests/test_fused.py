@@ -171,3 +171,15 @@ def test_without_a_build_the_python_step_serves(monkeypatch, tmp_path):
     monkeypatch.setenv(fused.ENV, "off")
     monkeypatch.setattr(fused, "_EXT", {"module": object()})
     assert LeanDecoder(model, 2, 8).fused is None  # turned off: never built or used
+
+
+def test_a_forced_kernel_leaves_the_packed_gemm_out(module, decided, monkeypatch, tmp_path):
+    """ONELAYER_CPU_LINEAR pins every matmul (the golden runs use it), so the packed GEMM is not a candidate,
+    and what is decided then is stored apart from the free choice."""
+    monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path))
+    monkeypatch.setenv(kernels.ENV, "default")
+    monkeypatch.setenv(fused.ENV, "packed")
+    sample(build("qwen3"), PROMPTS, num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD,
+           generator=torch.Generator().manual_seed(0))
+    records = {k: v for k, v in fused.choices().items() if k.startswith("decode:")}
+    assert records and all(k.endswith("-default") and v["choice"] == "fused" for k, v in records.items())

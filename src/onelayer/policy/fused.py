@@ -221,18 +221,20 @@ def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
     timed (or the stored timing reused); packed's time includes its packing, spread over the rollout's
     remaining steps. The caller then runs the step on the chosen variant (it rewrites the same cache slots)."""
     dec, B = step.dec, ids.shape[0]
-    key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}"
+    # a kernel forced everywhere (ONELAYER_CPU_LINEAR) leaves the packed GEMM out, and is kept apart in the store
+    variants = ("fused",) if kernels.forced() else ("fused", "packed")
+    key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}" + (f"-{kernels.forced()}" if kernels.forced() else "")
     if key not in _DECIDED:
         args = (ids, positions, start, mask, rows)
         want = python(*args)
         want_entries = _entries(dec, B, start, rows)
         errors = {}
-        for variant in ("fused", "packed"):
+        for variant in variants:
             got = step(*args, variant=variant)
             errors[variant] = max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows),
                                                                                       want_entries)])
-        ok = [v for v in ("fused", "packed") if errors[v] <= TOL]
-        forced = {"on": "fused", "packed": "packed"}.get(mode())
+        ok = [v for v, err in errors.items() if err <= TOL]
+        forced = {"on": "fused", "packed": variants[-1]}.get(mode())
         if not ok or (forced and forced not in ok):
             bad = forced or "fused"
             _DECIDED[key] = {"choice": "python", "reason": f"the compiled step ({bad}) differed by {errors[bad]:.1e} (relative)"}

@@ -14,7 +14,8 @@ A choice changes the floating-point summation order, so for runs to stay bitwise
 machine the choices are also stored in the onelayer cache, keyed by host, CPU model, torch version and
 thread count (``$ONELAYER_CACHE/kernels/``); a later process on the same machine reuses them instead of
 timing again. ``ONELAYER_CPU_LINEAR=default|onednn|split`` forces one kernel everywhere (tests,
-debugging; a kernel unavailable here falls back to the default).
+debugging; a kernel unavailable here falls back to the default); the compiled decode step's own GEMM on
+packed weights (`policy.fused`) is then not used either.
 """
 
 from __future__ import annotations
@@ -167,17 +168,23 @@ def measure(m: int, k: int, n: int, transposed: bool = False) -> dict[str, float
                 if not (transposed and kernel == "split")}
 
 
+def forced() -> str | None:
+    """The kernel ``ONELAYER_CPU_LINEAR`` forces everywhere, or None (the decode's packed GEMM is then not used)."""
+    value = os.environ.get(ENV, "auto").lower()
+    return value if value in KERNELS else None
+
+
 def choose(m: int, k: int, n: int, tokens: str = "m") -> str:
     """The kernel for an [m, k] x [n, k]^T float32 linear on this machine: one of `KERNELS`.
 
     `tokens` names the dimension that counts tokens ("m", or "k" for a weight gradient dY^T X, whose inner
     dimension is the batch's tokens, and both operands are transposed views); that one is bucketed (`_bucket`)
     and measured at its band's size."""
-    forced = os.environ.get(ENV, "auto").lower()
-    if forced in KERNELS:  # where the forced kernel cannot run (split: only where the tokens are rows), the default
-        usable = (forced == "default" or (forced == "onednn" and _ONEDNN)
-                  or (forced == "split" and tokens == "m" and _split_module() is not None))
-        return forced if usable else "default"
+    force = forced()
+    if force is not None:  # where the forced kernel cannot run (split: only where the tokens are rows), the default
+        usable = (force == "default" or (force == "onednn" and _ONEDNN)
+                  or (force == "split" and tokens == "m" and _split_module() is not None))
+        return force if usable else "default"
     key = (_bucket(m), k, n) if tokens == "m" else (m, _bucket(k), n, "t")
     mem = (torch.get_num_threads(), *key)
     if mem in _CHOICES:  # first: this runs on every linear call
@@ -215,9 +222,8 @@ def choices() -> dict[str, dict]:
 def summary() -> str:
     """One line: how many shapes went to each kernel."""
     made = [c["choice"] for c in choices().values()]
-    forced = os.environ.get(ENV, "auto").lower()
-    if forced in KERNELS:
-        return f"forced {forced} ({ENV})"
+    if forced() is not None:
+        return f"forced {forced()} ({ENV})"
     if len(available()) == 1:
         return "default (no other kernel available here)"
     counts = ", ".join(f"{made.count(k)} {k}" for k in available())
