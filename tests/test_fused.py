@@ -78,6 +78,9 @@ def test_packed_linear_is_the_linear_and_the_same_on_any_thread_count(module):
         assert torch.equal(one, with_both)
     with pytest.raises(RuntimeError, match="not packed for this input"):
         module.packed_linear(torch.randn(2, 8), module.pack_weight(torch.randn(4, 16)), 4, torch.empty(0), torch.empty(0))
+    shifted = torch.empty(2 * 16 * width + 1)[1:].view(2, 16, width)  # a view one float off the allocation
+    with pytest.raises(RuntimeError, match="aligned"):
+        module.packed_linear(torch.randn(2, 16), shifted, width + 1, torch.empty(0), torch.empty(0))
 
 
 @pytest.mark.parametrize("compiled", ["on", "packed"])

@@ -33,7 +33,9 @@ def step_flops(config, *, prompt_lens: list[int], num_generations: int, new_toke
 
     rollout: each distinct prompt prefilled once (left-padded to the longest), then one token per row for
     `new_tokens - 1` decode steps against a KV cache, with the LM head on one position per row per step.
-    update: one forward over the whole batch (prompt + completion) from block `lowest_trainable` up (the
+    update: one forward over the whole batch (prompt + completion, every row's own prompt: the work of a
+    tool that shares nothing between rows, so onelayer's prompt sharing can run below it) from block
+    `lowest_trainable` up (the
     blocks below are frozen and their outputs known), the LM head on the completion positions, and the
     backward: input gradients through the head and every block on the gradient path (the lowest trainable
     one and all above it; attention backward counted as twice its forward), weight gradients for the

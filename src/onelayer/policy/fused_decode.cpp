@@ -162,6 +162,9 @@ Tensor packed_linear(Tensor x, Tensor packed, int64_t n, Tensor b, Tensor add) {
   const int64_t K = packed.size(1), P = packed.size(0);
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PK_NR && x.size(-1) == K && n <= P * PK_NR && n > (P - 1) * PK_NR,
               "packed_linear: weight not packed for this input (pack_weight)");
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kFloat &&
+              reinterpret_cast<uintptr_t>(packed.data_ptr()) % (PK_VL * 4) == 0,
+              "packed_linear: the packed weight must be pack_weight's own (contiguous, aligned) tensor");
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   auto y = at::empty({M, n}, x.options());
