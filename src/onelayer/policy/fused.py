@@ -43,10 +43,9 @@ FUNCTIONS = ["decode_step", "split_linear", "pack_weight", "packed_linear", "pac
              "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
 _LOG = logging.getLogger("onelayer.fused")
 _EXT: dict[str, object] = {}  # "module" or "reason"
-_DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused" (s), "reason"}
+_DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused", "packed" (s), "reason"}
 
 
-VARIANTS = ("python", "fused", "packed")
 PACKED = 3  # the compiled step's index for its own GEMM on packed weights (after `kernels.KERNELS`' three)
 
 
