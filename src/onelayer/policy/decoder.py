@@ -99,6 +99,7 @@ class LeanDecoder:
         shape = (batch, self.kv_heads, max_len, d)
         self.k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.written = 0  # cache slots 0..written-1 hold entries (what `repeat_rows` copies)
         self.capture = capture
         self.captured = (torch.zeros(batch, max_len, cfg.hidden_size, dtype=self.dtype, device=self.device)
                          if capture is not None else None)
@@ -184,6 +185,7 @@ class LeanDecoder:
         attend to slots 0..start+S-1 under the bool `mask` [B, 1, S, start+S] (None: all). `rows` maps the
         batch rows to rows of `captured`. Returns the logits of the last position, [B, V]. One-token steps
         go to the compiled step where it was checked and measured faster (`policy.fused`)."""
+        self.written = start + ids.shape[1]
         if ids.shape[1] == 1 and self.fused is not None and self.fused.serves(self._forward, ids, positions, start, mask, rows):
             return self.fused(ids, positions, start, mask, rows)
         return self._forward(ids, positions, start, mask, rows)
@@ -226,10 +228,10 @@ class LeanDecoder:
             x = self._residual(x, F.silu(g) * u, *layer["down"])
         return self._project(x[:, -1], self.head).float()
 
-    def repeat_rows(self, index: torch.Tensor, used: int | None = None) -> None:
-        """Cache rows become `index` (repeat each prompt's rows G times; drop finished rows). `used`: only the
-        first `used` slots have been written, so only they are copied (None: all)."""
-        n, end = len(index), self.k[0].shape[2] if used is None else used
+    def repeat_rows(self, index: torch.Tensor) -> None:
+        """Cache rows become `index` (repeat each prompt's rows G times; drop finished rows); only the slots
+        written so far are copied."""
+        n, end = len(index), self.written
         for i in range(len(self.layers)):
             self.k[i][:n, :, :end] = self.k[i][:, :, :end].index_select(0, index)
             self.v[i][:n, :, :end] = self.v[i][:, :, :end].index_select(0, index)

@@ -168,6 +168,10 @@ class FusedStep:
         band = kernels._bucket(ids.shape[0])
         if band not in self._serves:
             self._serves[band] = decide(self, python, ids, positions, start, mask, rows)
+            if "packed" not in self._serves.values():  # packed only for the check: not kept with the weights
+                for lay in self.dec.layers:
+                    lay.pop("packed", None)
+                self._packed = None
         return self._serves[band] != "python"
 
     def __call__(self, ids, positions, start, mask, rows, variant: str | None = None):
@@ -221,8 +225,9 @@ def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
     remaining steps. The caller then runs the step on the chosen variant (it rewrites the same cache slots)."""
     dec, B = step.dec, ids.shape[0]
     # a kernel forced everywhere (ONELAYER_CPU_LINEAR) leaves the packed GEMM out, and is kept apart in the store
-    variants = ("fused",) if kernels.forced() else ("fused", "packed")
-    key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}" + (f"-{kernels.forced()}" if kernels.forced() else "")
+    pinned = kernels.forced()
+    variants = ("fused",) if pinned else ("fused", "packed")
+    key = f"decode:{step.shape}-B{kernels._bucket(B)}-{build_id()}" + (f"-{pinned}" if pinned else "")
     if key not in _DECIDED:
         args = (ids, positions, start, mask, rows)
         want = python(*args)
@@ -233,12 +238,12 @@ def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
             errors[variant] = max([_close(got, want)] + [_close(a, b) for a, b in zip(_entries(dec, B, start, rows),
                                                                                       want_entries)])
         ok = [v for v, err in errors.items() if err <= TOL]
-        forced = {"on": "fused", "packed": variants[-1]}.get(mode())
-        if not ok or (forced and forced not in ok):
-            bad = forced or "fused"
+        wanted = {"on": "fused", "packed": variants[-1]}.get(mode())  # a variant ONELAYER_FUSED_DECODE names
+        if not ok or (wanted and wanted not in ok):
+            bad = wanted or "fused"
             _DECIDED[key] = {"choice": "python", "reason": f"the compiled step ({bad}) differed by {errors[bad]:.1e} (relative)"}
-        elif forced:
-            _DECIDED[key] = {"choice": forced, "reason": f"{ENV}={mode()}"}
+        elif wanted:
+            _DECIDED[key] = {"choice": wanted, "reason": f"{ENV}={mode()}"}
         elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", *ok):
             _DECIDED[key] = {**saved, "reason": "measured earlier on this machine"}
         else:

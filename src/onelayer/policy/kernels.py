@@ -222,8 +222,9 @@ def choices() -> dict[str, dict]:
 def summary() -> str:
     """One line: how many shapes went to each kernel."""
     made = [c["choice"] for c in choices().values()]
-    if forced() is not None:
-        return f"forced {forced()} ({ENV})"
+    force = forced()
+    if force is not None:
+        return f"forced {force} ({ENV})"
     if len(available()) == 1:
         return "default (no other kernel available here)"
     counts = ", ".join(f"{made.count(k)} {k}" for k in available())

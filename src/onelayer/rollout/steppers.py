@@ -138,21 +138,20 @@ class _LeanStepper:
 
     def prefill(self, ids, pmask, rows):
         """Prefill prompts `rows` of the batch (`ids`, `pmask`: those rows)."""
-        self.used = self.P  # cache slots written so far: rows are copied only that far
         return self.dec.forward(ids, position_ids(pmask), 0, causal_allowed(pmask))
 
     def expand(self, index: torch.Tensor) -> None:
         """Batch row r takes the prefilled row index[r]."""
-        self.dec.repeat_rows(index, self.used)
+        self.dec.repeat_rows(index)
         if self.captured is not None:
             self.captured[:, : self.P] = self.captured[:, : self.P].index_select(0, index)
 
     def keep(self, index: torch.Tensor) -> None:
-        self.dec.repeat_rows(index, self.used)
+        self.dec.repeat_rows(index)
         if self.step_mask is not None:
             self.step_mask = self.step_mask[index]
 
     def decode(self, tok, positions, t: int, rows):
-        end = self.used = self.P + t + 1
+        end = self.P + t + 1
         mask = None if self.step_mask is None else self.step_mask[..., :end]
         return self.dec.forward(tok[:, None], positions, self.P + t, mask, rows=rows)
