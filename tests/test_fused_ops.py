@@ -70,6 +70,53 @@ def test_the_kernels_give_the_same_bits_on_one_and_two_threads(module):
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+@pytest.mark.parametrize("N,P,G,Tc,h,kvh,d", [
+    (16, 6, 4, 23, 4, 2, 64),  # the bench's tiny-qwen3-large shapes: whole vector blocks of keys and a tail
+    (3, 5, 2, 4, 4, 2, 16),
+    (1, 4, 5, 7, 6, 3, 12),  # d not a whole number of vectors: the plain loops
+    (2, 1, 3, 1, 2, 2, 8),  # one prompt token, one completion position
+])
+def test_attention_on_the_shared_prompt_layout_is_sdpas(module, N, P, G, Tc, h, kvh, d):
+    """The compiled attention against the torch ops (two SDPA calls over sliced, index-selected keys): left
+    padding, a prompt of padding only, rows in shuffled order, grouped kv heads; outputs and q/k/v gradients
+    agree to float rounding, and its gradients are the same bits on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(N * 100 + P)
+    B, R = N * G, N * P + N * G * Tc
+    inv = torch.arange(N).repeat_interleave(G)[torch.randperm(B, generator=g)]
+    pmask = torch.ones(N, P, dtype=torch.bool)
+    pmask[0, : P // 2] = False
+    if N > 1:
+        pmask[-1] = False
+    layout = fused_ops.SharedPrompts(pmask, inv, Tc)
+    q, k, v = (torch.randn(R, n, d, generator=g, requires_grad=True) for n in (h, kvh, kvh))
+    weight = torch.randn(R, h * d, generator=g)
+
+    def run(ops):
+        out = ops.attention(q, k, v, layout)
+        return [out.detach(), *torch.autograd.grad((out * weight).sum(), (q, k, v))]
+
+    want = run(fused_ops.TorchOps)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(fused_ops.CompiledOps)
+        torch.set_num_threads(2)
+        two = run(fused_ops.CompiledOps)
+    finally:
+        torch.set_num_threads(threads)
+    for got, ref in zip(two, want):
+        assert fused._close(got, ref) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_attention_refuses_a_layout_that_does_not_fit(module):
+    q, k = torch.randn(10, 2, 8), torch.randn(10, 1, 8)
+    with pytest.raises(RuntimeError, match="tokens are not N P"):
+        module.attn_fwd(q, k, k, torch.ones(2, 3, dtype=torch.bool), torch.tensor([0, 1]), 3, 1.0)
+    with pytest.raises(RuntimeError, match="inv out of range"):
+        module.attn_fwd(q, k, k, torch.ones(2, 2, dtype=torch.bool), torch.tensor([0, 2]), 3, 1.0)
+
+
 def test_the_choice_is_checked_measured_once_stored_and_reused(module, decided, monkeypatch, tmp_path):
     monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path))
     monkeypatch.setenv(fused_ops.ENV, "auto")

@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from onelayer.models import prefix
 from onelayer.policy import fused_ops
-from onelayer.policy.ops import _apply, _forward_kwargs, _mask_4d, causal_allowed, position_ids
+from onelayer.policy.ops import _apply, _forward_kwargs, _mask_4d, position_ids
 from onelayer.policy.support import lean_available
 
 
@@ -30,8 +29,8 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     and values (autograd sums the rows' gradients into it). A completion's last token predicts nothing
     here and no earlier position attends to it, so it does not go through the blocks. All tokens of both parts run through the
     linear and elementwise ops as one flat [tokens, H] matrix. With `block_input` the forward starts at
-    block `block_index` on those hidden states (frozen-prefix reuse). The norms, q/k/v and MLP element-wise
-    parts run on `ops` (`policy.fused_ops`: torch ops or compiled kernels; None: `fused_ops.choose` decides).
+    block `block_index` on those hidden states (frozen-prefix reuse). The norms, q/k/v, attention and MLP
+    element-wise parts run on `ops` (`policy.fused_ops`: torch ops or compiled kernels; None: `fused_ops.choose` decides).
     Returns FloatTensor[B, T].
     """
     inner = model.model
@@ -70,26 +69,13 @@ def lean_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     cos, sin = inner.rotary_emb(x[:1], pos[None])
     rotary = ops.rotary(cos[0], sin[0])  # [tokens, d] each
 
-    prompt_mask = causal_allowed(pmask)
-    ar_t = torch.arange(Tc, device=device)
-    comp_mask = torch.cat([pmask[inv][:, None, None, :].expand(B, 1, Tc, P),
-                           (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, Tc, Tc)], -1)  # [B, 1, Tc, P+Tc]
+    layout = fused_ops.SharedPrompts(pmask.contiguous(), inv, Tc)
     n_p = N * P
 
     for block in inner.layers[start:]:
         attn = block.self_attn
         q, k, v = ops.qkv(ops.norm(x, block.input_layernorm), attn, rotary, h, kvh, d)  # [tokens, heads, d]
-        # prompt tokens attend within their prompt; completion tokens to their prompt's and their own
-        kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
-        kc, vc = k[n_p:].view(B, Tc, kvh, d).transpose(1, 2), v[n_p:].view(B, Tc, kvh, d).transpose(1, 2)
-        ap = F.scaled_dot_product_attention(q[:n_p].view(N, P, h, d).transpose(1, 2), kp, vp, attn_mask=prompt_mask,
-                                            enable_gqa=kvh != h)
-        # index_select, not kp[inv]: its backward (index_add) sums the rows' gradients into their shared prompt
-        # in a fixed order; advanced indexing's accumulating backward did not on 2+ threads (runs drifted)
-        ac = F.scaled_dot_product_attention(q[n_p:].view(B, Tc, h, d).transpose(1, 2),
-                                            torch.cat([kp.index_select(0, inv), kc], 2),
-                                            torch.cat([vp.index_select(0, inv), vc], 2), attn_mask=comp_mask, enable_gqa=kvh != h)
-        a = torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * Tc, h * d)])
+        a = ops.attention(q, k, v, layout)  # [tokens, h d]
         x = x + _apply(attn.o_proj, a)
         x = x + ops.mlp(ops.norm(x, block.post_attention_layernorm), block.mlp)
 

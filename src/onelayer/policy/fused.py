@@ -40,7 +40,7 @@ TOL = 1e-5
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("fused_decode.cpp", "fused_train.cpp"))
 FUNCTIONS = ["decode_step", "split_linear", "pack_weight", "packed_linear", "packed_width", "rms_fwd", "rms_bwd", "qkv_fwd",
-             "qkv_bwd", "swiglu_fwd", "swiglu_bwd"]
+             "qkv_bwd", "swiglu_fwd", "swiglu_bwd", "attn_fwd", "attn_bwd"]
 _LOG = logging.getLogger("onelayer.fused")
 _EXT: dict[str, object] = {}  # "module" or "reason"
 _DECIDED: dict[str, dict] = {}  # per decoder shape: {"choice", "python", "fused", "packed" (s), "reason"}

@@ -20,6 +20,8 @@ reproducible. ``ONELAYER_FUSED_TRAIN=off`` turns them off, ``on`` skips the timi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from onelayer.policy import fused, kernels
-from onelayer.policy.ops import _apply, _eps, _norm, linear
+from onelayer.policy.ops import _apply, _eps, _norm, causal_allowed, linear
 
 ENV = "ONELAYER_FUSED_TRAIN"
 MARGIN = 0.05
@@ -99,6 +101,45 @@ class _SwiGLU(torch.autograd.Function):
         return _module().swiglu_bwd(dy, gu)
 
 
+class _Attention(torch.autograd.Function):
+    """Attention of every token of a lean training forward (`SharedPrompts`) from q [tokens, h, d], k and v
+    [tokens, kvh, d]; returns [tokens, h d]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pmask, inv, Tc, scale):
+        out, lse = _module().attn_fwd(q, k, v, pmask, inv, Tc, scale)
+        ctx.save_for_backward(q, k, v, out, lse, pmask, inv)
+        ctx.args = (Tc, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, pmask, inv = ctx.saved_tensors
+        dq, dk, dv = _module().attn_bwd(dout, q, k, v, out, lse, pmask, inv, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+@dataclasses.dataclass
+class SharedPrompts:
+    """Where each token of a lean training forward sits: N distinct prompts of P tokens (`pmask` [N, P], False
+    at left padding) come first, then B rows of `Tc` completion tokens, row b sharing prompt `inv[b]`. A prompt
+    token attends within its prompt (causally, not to padding); a completion token to its prompt and to its
+    own row's earlier completion tokens."""
+
+    pmask: torch.Tensor
+    inv: torch.Tensor
+    Tc: int
+
+    @functools.cached_property
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt queries' [N, 1, P, P] and the completion queries' [B, 1, Tc, P + Tc] bool masks."""
+        B, P, Tc = len(self.inv), self.pmask.shape[1], self.Tc
+        ar_t = torch.arange(Tc, device=self.inv.device)
+        comp = torch.cat([self.pmask[self.inv][:, None, None, :].expand(B, 1, Tc, P),
+                          (ar_t[None, :] <= ar_t[:, None]).expand(B, 1, Tc, Tc)], -1)
+        return causal_allowed(self.pmask), comp
+
+
 def _concat(*linears):
     """One weight (and bias) for several linears that read the same input."""
     b = None
@@ -136,6 +177,24 @@ class TorchOps:
         return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
 
     @staticmethod
+    def attention(q, k, v, layout: SharedPrompts):
+        N, P = layout.pmask.shape
+        B, Tc, n_p, inv = len(layout.inv), layout.Tc, N * P, layout.inv
+        h, kvh, d = q.shape[1], k.shape[1], q.shape[2]
+        prompt_mask, comp_mask = layout.masks
+        kp, vp = k[:n_p].view(N, P, kvh, d).transpose(1, 2), v[:n_p].view(N, P, kvh, d).transpose(1, 2)
+        kc, vc = k[n_p:].view(B, Tc, kvh, d).transpose(1, 2), v[n_p:].view(B, Tc, kvh, d).transpose(1, 2)
+        ap = F.scaled_dot_product_attention(q[:n_p].view(N, P, h, d).transpose(1, 2), kp, vp, attn_mask=prompt_mask,
+                                            enable_gqa=kvh != h)
+        # index_select, not kp[inv]: its backward (index_add) sums the rows' gradients into their shared prompt
+        # in a fixed order; advanced indexing's accumulating backward did not on 2+ threads (runs drifted)
+        ac = F.scaled_dot_product_attention(q[n_p:].view(B, Tc, h, d).transpose(1, 2),
+                                            torch.cat([kp.index_select(0, inv), kc], 2),
+                                            torch.cat([vp.index_select(0, inv), vc], 2), attn_mask=comp_mask,
+                                            enable_gqa=kvh != h)
+        return torch.cat([ap.transpose(1, 2).reshape(n_p, h * d), ac.transpose(1, 2).reshape(B * Tc, h * d)])
+
+    @staticmethod
     def mlp(y, mlp):
         """down(silu(gate(y)) * up(y))."""
         return _apply(mlp.down_proj, F.silu(_apply(mlp.gate_proj, y)) * _apply(mlp.up_proj, y))
@@ -160,6 +219,10 @@ class CompiledOps:
         qn = getattr(attn, "q_norm", None)
         wq, wk = (qn.weight, attn.k_norm.weight) if qn is not None else (_EMPTY, _EMPTY)
         return _QKV.apply(linear(y, w, b), wq, wk, *rotary, _eps(qn) if qn is not None else 1e-6, h, kvh, d)
+
+    @staticmethod
+    def attention(q, k, v, layout: SharedPrompts):
+        return _Attention.apply(q, k, v, layout.pmask, layout.inv, layout.Tc, q.shape[-1] ** -0.5)
 
     @staticmethod
     def mlp(y, mlp):

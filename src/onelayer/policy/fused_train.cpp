@@ -222,3 +222,235 @@ std::vector<Tensor> qkv_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor 
   return {dqkv, dw[0], dw[1]};
 }
 
+
+// Attention on the training forward's flat token layout (forward.py): N distinct prompts of P tokens (token
+// n P + i), then B rows of Tc completion tokens (token N P + b Tc + t), row b sharing prompt inv[b]. A prompt
+// query sees its prompt's keys up to itself that are not padding (pmask [N, P]), and itself; a completion query
+// sees its prompt's keys that are not padding and its own row's completion keys up to itself. q [R, h, d],
+// k, v [R, kvh, d] (kv head c serves q heads c g .. c g + g - 1). No copies: the keys are read where they are.
+struct TokenLayout {
+  int64_t N, P, B, Tc;
+  const bool* pm; const int64_t* inv;
+  // the keys (token indices) query token r sees, in order; returns how many
+  int64_t keys(int64_t r, int64_t* out) const {
+    int64_t n = 0;
+    if (r < N * P) {
+      const int64_t p = r / P, i = r % P;
+      for (int64_t j = 0; j <= i; ++j) if (j == i || pm[p * P + j]) out[n++] = p * P + j;
+    } else {
+      const int64_t b = (r - N * P) / Tc, t = (r - N * P) % Tc, p = inv[b];
+      for (int64_t j = 0; j < P; ++j) if (pm[p * P + j]) out[n++] = p * P + j;
+      for (int64_t s = 0; s <= t; ++s) out[n++] = N * P + b * Tc + s;
+    }
+    return n;
+  }
+};
+
+static TokenLayout token_layout(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pmask, const Tensor& inv,
+                                int64_t Tc, const char* what) {
+  check_float(q, what); check_float(k, what); check_float(v, what);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.is_contiguous() && k.is_contiguous() &&
+              v.is_contiguous() && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0 &&
+              q.size(2) <= 1024, what, ": q [R, h, d], k and v [R, kvh, d], contiguous, d <= 1024");
+  TORCH_CHECK(pmask.scalar_type() == at::kBool && pmask.dim() == 2 && pmask.is_contiguous() &&
+              inv.scalar_type() == at::kLong && inv.dim() == 1 && inv.is_contiguous(), what, ": pmask bool [N, P], inv long [B]");
+  const int64_t N = pmask.size(0), P = pmask.size(1), B = inv.size(0);
+  TORCH_CHECK(P >= 1 && Tc >= 1 && q.size(0) == N * P + B * Tc, what, ": tokens are not N P + B Tc");
+  const int64_t* ip = inv.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(ip[b] >= 0 && ip[b] < N, what, ": inv out of range");
+  return {N, P, B, Tc, pmask.data_ptr<bool>(), ip};
+}
+
+// Dot products of one vector with many rows. With AVX-512 or AVX (fused_decode.cpp's vectors, pk_v of PK_VL
+// floats) and d a multiple of PK_VL, PK_VL rows at a time: each row's lane-wise products summed over d in
+// order, then the lanes of all of them reduced together (`at_hsums`): one fixed order per build, whatever the
+// thread count.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define AT_VEC 1
+// the horizontal sums of v[0..15] in one vector (halves added level by level: lanes j + j+8, j + j+4, j + j+2,
+// j + j+1); lane 4l + m holds v[4m + l]'s, so row t of a block goes in at_slot(t)
+static inline pk_v at_hsums(const pk_v* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4((__m512)v[2 * i], (__m512)v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4((__m512)v[2 * i], (__m512)v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  return (pk_v)_mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+static inline int at_slot(int t) { return (t % 4) * 4 + t / 4; }
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define AT_VEC 1
+// as above for 8 lanes (j + j+4, j + j+2, j + j+1); lane 4l + m holds v[2m + l]'s
+static inline pk_v at_hsums(const pk_v* v) {
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i)
+    a[i] = _mm256_add_ps(_mm256_permute2f128_ps((__m256)v[2 * i], (__m256)v[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps((__m256)v[2 * i], (__m256)v[2 * i + 1], 0x31));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d x = _mm256_castps_pd(a[2 * i]), y = _mm256_castps_pd(a[2 * i + 1]);
+    b[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return (pk_v)_mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+}
+static inline int at_slot(int t) { return (t % 4) * 2 + t / 4; }
+#else
+#define AT_VEC 0
+#endif
+
+static const float AT_ZEROS[1024] = {};  // a row of zeros: the rows beyond n in a block
+
+// out[j] = x . rows[j][0..d) for j < n
+static void dots(const float* x, const float* const* rows, int64_t n, int64_t d, float* out) {
+  int64_t j0 = 0;
+#if AT_VEC
+  if (d % PK_VL == 0) {
+    // whole blocks of PK_VL rows, and a last one padded with zero rows unless it holds only a few
+    for (; j0 < n && (n - j0 >= PK_VL / 4 || (j0 == 0 && n > 1)); j0 += PK_VL) {
+      const float* r[PK_VL];
+      pk_v acc[PK_VL];
+      for (int j = 0; j < PK_VL; ++j) { r[j] = j0 + j < n ? rows[j0 + j] : AT_ZEROS; acc[j] = (pk_v){}; }
+      for (int64_t e = 0; e < d; e += PK_VL) {
+        const pk_v xv = *(const pk_vu*)(x + e);
+        for (int j = 0; j < PK_VL; ++j) acc[at_slot(j)] += xv * *(const pk_vu*)(r[j] + e);
+      }
+      float sums[PK_VL];
+      *(pk_vu*)sums = at_hsums(acc);
+      for (int j = 0; j < PK_VL && j0 + j < n; ++j) out[j0 + j] = sums[j];
+    }
+  }
+#endif
+  for (int64_t j = j0; j < n; ++j) {
+    const float* r = rows[j];
+    float s = 0.f;
+#pragma omp simd reduction(+:s)
+    for (int64_t e = 0; e < d; ++e) s += x[e] * r[e];
+    out[j] = s;
+  }
+}
+
+// weighted_rows with d = NV PK_VL: the sum kept in registers
+template <int NV>
+static void weighted_rows_v(const float* w, const float* const* rows, int64_t n, float* o) {
+  pk_v acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = (pk_v){};
+  for (int64_t j = 0; j < n; ++j) {
+    const pk_v wj = w[j] - (pk_v){};  // a broadcast (as in pk_tile)
+    for (int c = 0; c < NV; ++c) acc[c] += wj * *(const pk_vu*)(rows[j] + c * PK_VL);
+  }
+  for (int c = 0; c < NV; ++c) *(pk_vu*)(o + c * PK_VL) = acc[c];
+}
+
+// o[0..d) = sum_j w[j] rows[j] (o not read first)
+static void weighted_rows(const float* w, const float* const* rows, int64_t n, int64_t d, float* o) {
+  switch (d % PK_VL ? 0 : d / PK_VL) {
+    case 1: return weighted_rows_v<1>(w, rows, n, o);
+    case 2: return weighted_rows_v<2>(w, rows, n, o);
+    case 4: return weighted_rows_v<4>(w, rows, n, o);
+    case 8: return weighted_rows_v<8>(w, rows, n, o);
+    default: break;
+  }
+  for (int64_t e = 0; e < d; ++e) o[e] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float wj = w[j]; const float* r = rows[j];
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) o[e] += wj * r[e];
+  }
+}
+
+// out [R, h d] (the output projection's input as it is), lse [R, h]: each softmax's log normaliser
+std::vector<Tensor> attn_fwd(Tensor q, Tensor k, Tensor v, Tensor pmask, Tensor inv, int64_t Tc, double scale) {
+  const TokenLayout L = token_layout(q, k, v, pmask, inv, Tc, "attn_fwd");
+  const int64_t R = q.size(0), h = q.size(1), d = q.size(2), kvh = k.size(1), g = h / kvh;
+  auto out = at::empty({R, h * d}, q.options());
+  auto lse = at::empty({R, h}, q.options());
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
+  const float sc = (float)scale;
+  at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+    const int64_t most = L.P + L.Tc;
+    std::vector<int64_t> keys(most); std::vector<float> s(most); std::vector<const float*> kr(most), vr(most);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = L.keys(r, keys.data());
+      for (int64_t c = 0; c < kvh; ++c) {
+        for (int64_t j = 0; j < n; ++j) { kr[j] = kp + (keys[j] * kvh + c) * d; vr[j] = vp + (keys[j] * kvh + c) * d; }
+        for (int64_t hq = c * g; hq < (c + 1) * g; ++hq) {
+          float* sp = s.data();
+          dots(qp + (r * h + hq) * d, kr.data(), n, d, sp);
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) { sp[j] *= sc; mx = sp[j] > mx ? sp[j] : mx; }
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) sp[j] = vexp(sp[j] - mx);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) sum += sp[j];
+          const float invs = 1.f / sum;
+          for (int64_t j = 0; j < n; ++j) sp[j] *= invs;
+          weighted_rows(sp, vr.data(), n, d, op + (r * h + hq) * d);
+          lp[r * h + hq] = mx + std::log(sum);
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// dq, dk, dv of attn_fwd from dout [R, h d]. The work is split by (prompt, kv head): each part owns the keys and
+// values of one prompt and of the rows that share it, and goes through their queries in one fixed order, so
+// every gradient is the same sum on any thread count.
+std::vector<Tensor> attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor pmask, Tensor inv,
+                             int64_t Tc, double scale) {
+  const TokenLayout L = token_layout(q, k, v, pmask, inv, Tc, "attn_bwd");
+  dout = dout.contiguous();
+  const int64_t h = q.size(1), d = q.size(2), kvh = k.size(1), g = h / kvh;
+  auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  std::vector<std::vector<int64_t>> rows(L.N);  // each prompt's rows
+  for (int64_t b = 0; b < L.B; ++b) rows[L.inv[b]].push_back(b);
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  const float* gp = dout.data_ptr<float>(); const float* op = out.data_ptr<float>(); const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>(); float* dkp = dk.data_ptr<float>(); float* dvp = dv.data_ptr<float>();
+  const float sc = (float)scale;
+  at::parallel_for(0, L.N * kvh, 1, [&](int64_t u0, int64_t u1) {
+    const int64_t most = L.P + L.Tc;
+    std::vector<int64_t> keys(most); std::vector<float> p(most), ds(most);
+    std::vector<const float*> kr(most), vr(most);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t prompt = u / kvh, c = u % kvh;
+      auto query = [&](int64_t r) {
+        const int64_t n = L.keys(r, keys.data());
+        for (int64_t j = 0; j < n; ++j) { kr[j] = kp + (keys[j] * kvh + c) * d; vr[j] = vp + (keys[j] * kvh + c) * d; }
+        for (int64_t hq = c * g; hq < (c + 1) * g; ++hq) {
+          const float* qv = qp + (r * h + hq) * d; const float* gv = gp + (r * h + hq) * d;
+          const float* ov = op + (r * h + hq) * d;
+          const float m = lp[r * h + hq];
+          float D = 0.f;
+#pragma omp simd reduction(+:D)
+          for (int64_t e = 0; e < d; ++e) D += gv[e] * ov[e];
+          float* pp = p.data(); float* dsp = ds.data();
+          dots(qv, kr.data(), n, d, pp);
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) pp[j] = vexp(pp[j] * sc - m);
+          dots(gv, vr.data(), n, d, dsp);  // d p
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) dsp[j] = pp[j] * (dsp[j] - D) * sc;
+          weighted_rows(dsp, kr.data(), n, d, dqp + (r * h + hq) * d);
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t at = (keys[j] * kvh + c) * d;
+            float* dkt = dkp + at; float* dvt = dvp + at; const float dsj = dsp[j], pj = pp[j];
+#pragma omp simd
+            for (int64_t e = 0; e < d; ++e) { dkt[e] += dsj * qv[e]; dvt[e] += pj * gv[e]; }
+          }
+        }
+      };
+      for (int64_t i = 0; i < L.P; ++i) query(prompt * L.P + i);
+      for (int64_t b : rows[prompt])
+        for (int64_t t = 0; t < L.Tc; ++t) query(L.N * L.P + b * L.Tc + t);
+    }
+  });
+  return {dq, dk, dv};
+}
