@@ -104,11 +104,15 @@ def test_the_choice_is_measured_once_stored_and_reused(module, decided, monkeypa
     monkeypatch.setenv(fused.ENV, "auto")
     timed = []
 
-    def fake_time(fn, reps=5):  # both compiled variants measure slower here: the Python step must be kept
-        timed.append(fn)
-        return 1.0 if len(timed) % 3 == 1 else 2.0
+    real = kernels.time_each
 
-    monkeypatch.setattr(fused, "_time", fake_time)
+    def fake_time(fns, reps):  # both compiled variants measure slower here: the Python step must be kept
+        if "python" not in fns:  # matmul kernels: timed for real
+            return real(fns, reps)
+        timed.extend(fns)
+        return {name: 1.0 if name == "python" else 2.0 for name in fns}
+
+    monkeypatch.setattr(kernels, "time_each", fake_time)
     model = build("qwen3")
     kw = dict(num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD, generator=torch.Generator().manual_seed(0))
     sample(model, PROMPTS, **kw)  # the lean path's own check of the model decodes too: one shape per batch band
@@ -127,8 +131,9 @@ def test_the_choice_is_measured_once_stored_and_reused(module, decided, monkeypa
 def test_the_packed_variant_serves_where_it_measures_faster(module, decided, monkeypatch, tmp_path):
     monkeypatch.setenv("ONELAYER_CACHE", str(tmp_path))
     monkeypatch.setenv(fused.ENV, "auto")
-    seconds = iter([3.0, 2.0, 1.0] * 20)  # decide times python, fused, packed in that order
-    monkeypatch.setattr(fused, "_time", lambda fn, reps=5: (fn(), next(seconds))[1])
+    seconds, real = {"python": 3.0, "fused": 2.0, "packed": 1.0}, kernels.time_each
+    monkeypatch.setattr(kernels, "time_each", lambda fns, reps: {name: (fn(), seconds[name])[1] for name, fn in fns.items()}
+                        if "python" in fns else real(fns, reps))
     model = build("qwen3")
     batch = sample(model, PROMPTS, num_generations=2, max_new_tokens=4, eos_id=-1, pad_id=PAD,
                    generator=torch.Generator().manual_seed(0))

@@ -147,3 +147,12 @@ def test_a_choice_holds_for_the_thread_count_it_was_measured_at(fresh, monkeypat
         assert kernels.choose(64, 32, 512) == "default" and kernels.choices() == {}
     finally:
         torch.set_num_threads(before)
+
+
+def test_time_each_interleaves_its_rounds_and_keeps_each_ones_best():
+    """Each callable runs once untimed, then once per round in a rotating order; the result is its fastest round."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = kernels.time_each(fns, 3)
+    assert set(times) == set("abc") and all(t >= 0 for t in times.values())
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")

@@ -35,6 +35,7 @@ from onelayer.policy import kernels
 ENV = "ONELAYER_FUSED_DECODE"
 MARGIN = 0.05  # the compiled step replaces the Python one only when at least this much faster
 TOL = 1e-5
+REPS = 7  # timed rounds per variant (interleaved, best of)
 # -fopenmp: ATen's parallel_for is inline OpenMP, serial without it. -fno-math-errno -fno-trapping-math (torch's
 # own flags): loops with floor or a select vectorise; no reassociation, so every sum keeps its order
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
@@ -214,10 +215,6 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-6)) if a.numel() else 0.0
 
 
-def _time(fn, reps: int = 5) -> float:
-    return kernels._time(fn, reps)  # best of `reps` after one untimed call
-
-
 def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
     """The variant ("python", "fused" or "packed") that serves this decoder's one-token steps at this batch
     size's band: each compiled one checked against the Python step `python` on this step's inputs, then all
@@ -247,9 +244,8 @@ def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
         elif (saved := kernels.stored(key)) is not None and saved.get("choice") in ("python", *ok):
             _DECIDED[key] = {**saved, "reason": "measured earlier on this machine"}
         else:
-            times = {"python": _time(lambda: python(*args))}
-            for variant in ok:
-                times[variant] = _time(lambda variant=variant: step(*args, variant=variant))
+            times = kernels.time_each({"python": lambda: python(*args),
+                                       **{v: lambda v=v: step(*args, variant=v) for v in ok}}, REPS)
             if "packed" in times:  # its packing, spread over the rollout's remaining steps
                 times["packed"] += step.pack_s / max(1, dec.k[0].shape[2] - start)
             choice = pick(times)

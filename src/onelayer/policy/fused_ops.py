@@ -265,10 +265,6 @@ def choose(model, run, x: torch.Tensor, start: int):
     return CompiledOps if _DECIDED[key]["choice"] == "compiled" else TorchOps
 
 
-def _time(fn, reps: int = 3) -> float:
-    return kernels._time(fn, reps)  # best of `reps` after one untimed call
-
-
 def _decide(key: str, run, params: list) -> dict:
     weights: dict[str, torch.Tensor] = {}
 
@@ -295,7 +291,7 @@ def _decide(key: str, run, params: list) -> dict:
     saved = kernels.stored(key)
     if saved is not None and saved.get("choice") in ("torch", "compiled"):
         return {**saved, "reason": "measured earlier on this machine"}
-    times = {"torch": _time(lambda: once(TorchOps)), "compiled": _time(lambda: once(CompiledOps))}
+    times = kernels.time_each({"torch": lambda: once(TorchOps), "compiled": lambda: once(CompiledOps)}, 3)
     choice = "compiled" if times["compiled"] < times["torch"] * (1 - MARGIN) else "torch"
     kernels.store(key, choice, times)
     _LOG.info("training forward %s: torch %.3g ms, compiled %.3g ms -> %s", key, times["torch"] * 1e3,

@@ -146,13 +146,19 @@ def store(name: str, choice: str, times: dict) -> None:
     _store(name, choice, times)
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+def time_each(fns: dict, reps: int) -> dict[str, float]:
+    """Best-of-`reps` seconds of each of `fns` (name -> callable), after one untimed call each, timed in
+    interleaved rounds whose order rotates, so that a drift of the machine's speed while they are measured
+    (tens of percent over seconds on these machines) hits them all alike."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    best = dict.fromkeys(names, float("inf"))
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -164,8 +170,8 @@ def measure(m: int, k: int, n: int, transposed: bool = False) -> dict[str, float
     x, w = (torch.randn(k, m).t(), torch.randn(k, n).t()) if transposed else (torch.randn(m, k), torch.randn(n, k))
     reps = max(3, min(30, int(2e8 / max(1, 2 * m * k * n))))  # ~0.1-0.2 s per shape whatever its size
     with torch.inference_mode():
-        return {kernel: _time(lambda kernel=kernel: run(kernel, x, w), reps) for kernel in available()
-                if not (transposed and kernel == "split")}
+        return time_each({kernel: lambda kernel=kernel: run(kernel, x, w) for kernel in available()
+                          if not (transposed and kernel == "split")}, reps)
 
 
 def forced() -> str | None:
