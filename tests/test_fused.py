@@ -56,6 +56,21 @@ def test_compiled_step_matches_the_python_step(module, kind, variant):
                 assert fused._close(a, b) < 1e-5
 
 
+def test_only_the_packing_every_rollout_repeats_is_counted_against_packed(module):
+    """A frozen block's packing is kept for later rollouts, so only trainable blocks' packing is a per-rollout
+    cost (`pack_s`, spread over the steps when packed is timed), and the choice is kept per count of them."""
+    model = build("qwen3")
+    model.requires_grad_(False)
+    frozen = fused.FusedStep(LeanDecoder(model, 2, 8), module)
+    frozen.packed()
+    assert sum(frozen.dec.fresh) == 0 and frozen.pack_s == 0.0 and frozen.shape.endswith("-fresh0")
+    model.model.layers[1].requires_grad_(True)
+    one = fused.FusedStep(LeanDecoder(model, 2, 8), module)
+    one.packed()
+    assert one.dec.fresh == [i == 1 for i in range(len(model.model.layers))]
+    assert one.pack_s > 0.0 and one.shape.endswith("-fresh1")
+
+
 def test_packed_linear_is_the_linear_and_the_same_on_any_thread_count(module):
     """Rows and columns that are not whole tiles, a bias and an added residual; each output element is one sum
     over k in order, so 1 and 2 threads agree bit for bit."""

@@ -83,10 +83,13 @@ class LeanDecoder:
         if self.fold and sum(p.numel() * p.element_size() for p in model.parameters()) <= KEEP_MODEL_BYTES:
             # a small model's copies, kept for frozen weights (`_kept`)
             self.layers = [_kept(b, list(b.parameters()), lambda b=b: self._gather(b)) for b in inner.layers]
+            # blocks gathered afresh for every rollout (trainable ones): what a per-rollout cost is paid for
+            self.fresh = [any(p.requires_grad for p in b.parameters()) for b in inner.layers]
             head = [*model.lm_head.parameters(), *inner.norm.parameters()]
             self.head = _kept(model.lm_head, head, lambda: self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm))
         else:  # gathered afresh (on GPU: the model's own tensors)
             self.layers = [self._gather(b) for b in inner.layers]
+            self.fresh = [True] * len(self.layers)
             self.head = self._fold([(model.lm_head.weight, model.lm_head.bias)], inner.norm)
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)

@@ -14,8 +14,9 @@ The compiled step comes in two variants: "fused", its matmuls on the kernels cho
 a frozen block's packing is kept with its gathered weights). A decoder uses one only when it built, when
 its logits and new KV-cache entries matched the Python step's (to 1e-5 relative) on the first step it served
 in this process, and when it measured faster than the Python step on that step's shapes (packed against
-fused too, its packing time counted, spread over the rollout's remaining steps). The timing is kept with
-the matmul choices (`kernels.store`), so later processes on the machine reuse it and stay reproducible.
+fused too, with the packing of the blocks that every rollout packs again, the trainable ones, spread over
+the rollout's remaining steps; so the choice is per number of such blocks). The timing is kept with the
+matmul choices (`kernels.store`), so later processes on the machine reuse it and stay reproducible.
 ``ONELAYER_FUSED_DECODE=off`` turns it off, ``on`` and ``packed`` skip the timing and use that variant
 (still checked); `choices()` says what each process decided and why.
 """
@@ -131,10 +132,11 @@ class FusedStep:
         self._flags: dict[int, list[int]] = {}  # per batch size: the matmuls' kernels
         self._serves: dict[int, str] = {}  # per batch-size band: the variant that serves (`decide`)
         self._packed: list[list[torch.Tensor]] | None = None  # qkv, o, gate/up, down weights packed (`packed`)
-        self.pack_s = 0.0  # seconds this decoder spent packing weights not kept from an earlier rollout
+        self.pack_s = 0.0  # seconds this decoder spent packing weights that every rollout packs again
         H = self.qkv_w[0].shape[1]
+        # with how many blocks each rollout packs again: packed's cost per step, so its choice, depends on it
         self.shape = (f"H{H}-I{self.d_w[0].shape[1]}-h{dec.heads}-kv{dec.kv_heads}-d{dec.head_dim}-L{len(L)}"
-                      f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}")
+                      f"-V{self.head_w.shape[0]}{'-qkn' if L[0]['qk_norm'] is not None else ''}-fresh{sum(dec.fresh)}")
 
     def _kernels(self, B: int) -> list[int]:
         """Which kernel (its index in `kernels.KERNELS`) each of the qkv, o, gate/up, down and head matmuls
@@ -154,11 +156,12 @@ class FusedStep:
         packing is kept in its gathered weights, which `LeanDecoder` keeps across rollouts (`decoder._kept`)."""
         if self._packed is None:
             lists = [[], [], [], []]
-            for lay, weights in zip(self.dec.layers, zip(self.qkv_w, self.o_w, self.gu_w, self.d_w)):
+            for lay, fresh, weights in zip(self.dec.layers, self.dec.fresh, zip(self.qkv_w, self.o_w, self.gu_w, self.d_w)):
                 if "packed" not in lay:
                     t0 = time.perf_counter()
                     lay["packed"] = [self.module.pack_weight(w) for w in weights]
-                    self.pack_s += time.perf_counter() - t0
+                    if fresh:  # a frozen block's packing is kept for later rollouts: not a per-rollout cost
+                        self.pack_s += time.perf_counter() - t0
                 for out, w in zip(lists, lay["packed"]):
                     out.append(w)
             self._packed = lists
@@ -246,7 +249,7 @@ def decide(step: FusedStep, python, ids, positions, start, mask, rows) -> str:
         else:
             times = kernels.time_each({"python": lambda: python(*args),
                                        **{v: lambda v=v: step(*args, variant=v) for v in ok}}, REPS)
-            if "packed" in times:  # its packing, spread over the rollout's remaining steps
+            if "packed" in times:  # packing what every rollout packs again, spread over its remaining steps
                 times["packed"] += step.pack_s / max(1, dec.k[0].shape[2] - start)
             choice = pick(times)
             kernels.store(key, choice, times)
